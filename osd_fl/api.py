@@ -1,0 +1,241 @@
+"""The public entry points: :func:`compress`, :func:`decompress`, :func:`payload_budget`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from osd_fl.budget import matrix_budget
+from osd_fl.codec import TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
+from osd_fl.compressor import CompressorState, MatrixItem, dense_record, get_compressor
+from osd_fl.config import CompressionConfig
+from osd_fl.errors import ConfigError
+from osd_fl.feedback import ErrorFeedback
+from osd_fl.payload import Kind, Payload, TensorRecord
+from osd_fl.policy import Route, matrix_dims, plan_routes
+
+__all__ = ["compress", "decompress", "describe", "payload_budget", "resolve_config"]
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def resolve_config(
+    config: CompressionConfig | None = None, method: str | None = None, rank: int | None = None, **options: Any
+) -> CompressionConfig:
+    """Merge a base config, explicit ``method``/``rank`` and loose options; apply method overrides."""
+    cfg = config or CompressionConfig()
+    changes: dict[str, Any] = dict(options)
+    if method is not None:
+        changes["method"] = method
+    if rank is not None:
+        changes["rank"] = rank
+    if changes:
+        cfg = cfg.replace(**changes)
+    overrides = dict(get_compressor(cfg).overrides)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _fixed_and_matrix_bytes(
+    shapes: Mapping[str, Sequence[int]], cfg: CompressionConfig, routes: Mapping[str, Route]
+) -> tuple[int, int]:
+    fixed = header_bytes(cfg.method)
+    matrices = 0
+    for name, shape in shapes.items():
+        fixed += record_header_bytes(name, len(shape))
+        route = routes[name]
+        if route == Route.DENSE:
+            fixed += math.prod(shape) * cfg.value_bytes
+        elif route == Route.COMPRESS:
+            n, d = matrix_dims(shape)
+            matrices += matrix_budget(n, d, cfg.rank, cfg.value_bytes)
+    return fixed, matrices
+
+
+def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfig | None = None, **options: Any) -> int:
+    """Bytes a budgeted method's payload never exceeds for tensors of ``shapes``.
+
+    That is ``budget_bytes`` when set, otherwise the header, every record's
+    fixed fields, dense tensors at ``value_dtype`` and, per compressed matrix,
+    exactly what dense rank-r TruncSVD factors cost.
+    """
+    cfg = resolve_config(config, **options)
+    if cfg.budget_bytes:
+        return cfg.budget_bytes
+    comp = get_compressor(cfg)
+    routes = plan_routes(shapes, cfg, all_dense=comp.all_dense)
+    fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
+    return fixed + matrices
+
+
+def _check_update(update: Mapping[str, torch.Tensor]) -> None:
+    if not update:
+        raise ConfigError("update is empty: pass a mapping of tensor names to tensors")
+    for name, t in update.items():
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"update[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.dtype not in _DTYPE_NAMES:
+            raise ConfigError(f"update[{name!r}] has dtype {t.dtype}; floating tensors only ({list(_DTYPE_NAMES)})")
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"update[{name!r}] has NaN or Inf values (did local training diverge?)")
+
+
+def _importance_for(
+    name: str, shape: tuple[int, ...], importance: Mapping[str, torch.Tensor] | None, mat: torch.Tensor
+) -> torch.Tensor | None:
+    if importance is None or name not in importance:
+        return None
+    z = importance[name]
+    if tuple(z.shape) != shape:
+        raise ConfigError(f"importance[{name!r}] has shape {tuple(z.shape)}, the update has {shape}")
+    z32 = z.detach().to(mat.device, torch.float32).reshape(mat.shape)
+    if not bool(torch.isfinite(z32).all()) or bool((z32 < 0).any()):
+        raise ConfigError(f"importance[{name!r}] must be finite and non-negative")
+    return z32
+
+
+def compress(
+    update: Mapping[str, torch.Tensor],
+    method: str | None = None,
+    rank: int | None = None,
+    importance: Mapping[str, torch.Tensor] | None = None,
+    *,
+    config: CompressionConfig | None = None,
+    feedback: ErrorFeedback | None = None,
+    state: CompressorState | None = None,
+    **options: Any,
+) -> bytes:
+    """Compress a model update into the bytes that travel.
+
+    Parameters
+    ----------
+    update
+        ``{name: dW}``, a state-dict-like mapping of floating tensors (any
+        device; computed in float32).
+    method, rank
+        Shortcuts for ``config.method`` (default ``"osd"``) and ``config.rank``
+        (default 1).
+    importance
+        ``{name: Z}`` non-negative maps of the same shapes (from
+        :func:`osd_fl.importance.compute_importance`); ``None`` or a missing
+        name means Z = ones.
+    config
+        Base :class:`~osd_fl.config.CompressionConfig`; ``options`` override
+        its fields (e.g. ``relax=3, value_dtype="float16"``).
+    feedback
+        If given, ``dW + e`` is compressed and the residual ``e`` is updated
+        in place to what the receiver did not get.
+    state
+        Cross-round compressor state (PowerSGD warm starts), updated in place.
+    **options
+        Any :class:`~osd_fl.config.CompressionConfig` field.
+
+    Returns
+    -------
+    bytes
+        The payload; ``len(blob)`` is its exact cost and, for budgeted methods
+        (all but dense, fp16, int8) or with ``budget_bytes``, never exceeds
+        :func:`payload_budget`.
+
+    """
+    cfg = resolve_config(config, method, rank, **options)
+    _check_update(update)
+    comp = get_compressor(cfg)
+    state = state if state is not None else CompressorState()
+    tensors = (
+        feedback.corrected(update)
+        if feedback is not None
+        else {k: v.detach().to(torch.float32) for k, v in update.items()}
+    )
+    shapes = {k: tuple(int(s) for s in v.shape) for k, v in tensors.items()}
+    routes = plan_routes(shapes, cfg, all_dense=comp.all_dense)
+    records: dict[str, TensorRecord] = {}
+    items: list[MatrixItem] = []
+    for name, t in tensors.items():
+        dtype = _DTYPE_NAMES[update[name].dtype]
+        if routes[name] == Route.SKIP:
+            records[name] = TensorRecord(name=name, shape=shapes[name], dtype=dtype, kind=Kind.ZERO)
+        elif routes[name] == Route.DENSE:
+            records[name] = dense_record(name, t, dtype)
+        else:
+            n, d = matrix_dims(shapes[name])
+            mat = t.reshape(n, d)
+            items.append(
+                MatrixItem(name, shapes[name], dtype, mat, _importance_for(name, shapes[name], importance, mat))
+            )
+    fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
+    limit = cfg.budget_bytes or fixed + matrices
+    if cfg.budget == "global" and comp.supports_global and items:
+        if limit - fixed <= 0:
+            raise ConfigError(f"budget_bytes={limit} is below the payload's fixed part of {fixed} bytes")
+        for rec in comp.encode_global(items, limit - fixed, state):
+            records[rec.name] = rec
+    else:
+        for item in items:
+            n, d = item.n, item.d
+            records[item.name] = comp.encode_matrix(item, matrix_budget(n, d, cfg.rank, cfg.value_bytes), state)
+    payload = Payload(method=cfg.method, value_dtype=cfg.value_dtype, records=[records[k] for k in tensors])
+    blob = encode(payload)
+    if (comp.budgeted or cfg.budget_bytes) and len(blob) > limit:
+        raise ConfigError(
+            f"method {cfg.method!r} needs {len(blob)} bytes, over the budget of {limit}; "
+            "raise rank/budget_bytes or pick a budgeted method"
+        )
+    if feedback is not None:
+        feedback.update(tensors, decompress(blob))
+        for rec in payload.records:
+            if rec.kind == Kind.ZERO:  # skipped by policy: nothing to carry over
+                feedback.residuals[rec.name] = torch.zeros_like(feedback.residuals[rec.name])
+    return blob
+
+
+def decompress(
+    blob: bytes | bytearray | memoryview,
+    *,
+    expected: Mapping[str, TensorSpec] | None = None,
+    max_bytes: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Validate and rebuild an update from a payload.
+
+    Parameters
+    ----------
+    blob
+        Bytes from :func:`compress` (or from the wire).
+    expected
+        ``{name: (shape, dtype)}`` of the model; when given, the payload must
+        match it exactly (checked before anything is allocated).
+    max_bytes
+        Reject larger payloads without parsing them.
+    device
+        Where to build the tensors (default CPU).
+
+    Raises
+    ------
+    osd_fl.errors.PayloadError
+        Anything malformed, inconsistent or hostile; the message names the field.
+
+    """
+    payload = decode(blob, expected=expected, max_bytes=max_bytes)
+    return dict(iter_tensors(payload, device))
+
+
+def describe(blob: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """A summary of a payload: method, bytes, and per tensor its kind, rank and kept values."""
+    payload = decode(blob)
+    return {
+        "method": payload.method,
+        "value_dtype": payload.value_dtype,
+        "bytes": len(blob),
+        "tensors": {
+            r.name: {"kind": r.kind.name.lower(), "shape": r.shape, "rank": r.rank, "kept": r.kept}
+            for r in payload.records
+        },
+    }

@@ -1,0 +1,197 @@
+"""The compressor contract and the registry of methods.
+
+A compressor turns the matrices of an update into :class:`TensorRecord` s
+whose kind-specific bytes fit the budget it is given. It is pure: state that
+outlives one call (PowerSGD's warm starts) lives in a :class:`CompressorState`
+passed in; error feedback lives in :class:`osd_fl.feedback.ErrorFeedback`.
+
+Register a new method with :func:`register`; every registered method is run
+by the contract test in ``tests/test_contract.py``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from osd_fl.budget import LOWRANK_OVERHEAD
+from osd_fl.config import CompressionConfig
+from osd_fl.errors import ConfigError
+from osd_fl.payload import Kind, Section, TensorRecord
+
+__all__ = [
+    "REGISTRY",
+    "Compressor",
+    "CompressorState",
+    "MatrixItem",
+    "get_compressor",
+    "lowrank_record",
+    "register",
+]
+
+
+@dataclass
+class MatrixItem:
+    """One tensor to compress, seen as an ``n x d`` float32 matrix."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    mat: torch.Tensor
+    importance: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        """Rows."""
+        return int(self.mat.shape[0])
+
+    @property
+    def d(self) -> int:
+        """Columns."""
+        return int(self.mat.shape[1])
+
+
+@dataclass
+class CompressorState:
+    """State a compressor keeps across rounds on one client (PowerSGD warm starts).
+
+    Convert with :meth:`to_numpy` / :meth:`from_numpy` to keep it in a Flower
+    ``context.state`` ArrayRecord.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_numpy(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Plain float32 arrays, one per key."""
+        return {k: v.detach().cpu().to(torch.float32).numpy() for k, v in self.tensors.items()}
+
+    @classmethod
+    def from_numpy(cls, arrays: Mapping[str, npt.NDArray[np.floating]]) -> CompressorState:
+        """Inverse of :meth:`to_numpy`."""
+        return cls({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
+
+
+def item_generator(cfg: CompressionConfig, item: MatrixItem) -> torch.Generator:
+    """A generator seeded by the config seed and the tensor name (device of the matrix)."""
+    gen = torch.Generator(device=item.mat.device)
+    gen.manual_seed((cfg.seed * 1_000_003 + zlib.crc32(item.name.encode())) % (2**63))
+    return gen
+
+
+def to_numpy(t: torch.Tensor) -> npt.NDArray[np.float32]:
+    """Flat float32 numpy copy of ``t``."""
+    return t.detach().reshape(-1).to(torch.float32).cpu().numpy()
+
+
+def lowrank_record(
+    item: MatrixItem,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pos_a: npt.NDArray[np.int64] | None = None,
+    pos_b: npt.NDArray[np.int64] | None = None,
+) -> TensorRecord:
+    """A LOWRANK record of factors ``a`` (n x k) and ``b`` (k x d), optionally sparse."""
+    k = int(a.shape[1])
+
+    def section(f: torch.Tensor, pos: npt.NDArray[np.int64] | None) -> Section:
+        flat = to_numpy(f)
+        if pos is None or pos.size == flat.size:
+            return Section(slots=flat.size, values=flat)
+        return Section(slots=flat.size, values=flat[pos], positions=pos)
+
+    return TensorRecord(
+        name=item.name,
+        shape=item.shape,
+        dtype=item.dtype,
+        kind=Kind.LOWRANK,
+        rank=k,
+        sections=[section(a, pos_a), section(b, pos_b)],
+    )
+
+
+def dense_record(name: str, tensor: torch.Tensor, dtype: str) -> TensorRecord:
+    """A DENSE record of ``tensor``."""
+    flat = to_numpy(tensor)
+    return TensorRecord(
+        name=name,
+        shape=tuple(int(s) for s in tensor.shape),
+        dtype=dtype,
+        kind=Kind.DENSE,
+        sections=[Section(slots=flat.size, values=flat)],
+    )
+
+
+class Compressor(ABC):
+    """Base class of a compression method.
+
+    Subclasses set :attr:`name` and implement :meth:`encode_matrix`. Methods
+    that select entries can also take one budget for all matrices at once
+    (:meth:`encode_global`, ``budget="global"``).
+    """
+
+    name: ClassVar[str]
+    #: Whether the method fits the rank-derived byte budget.
+    budgeted: ClassVar[bool] = True
+    #: Whether every tensor travels dense (no matrix routing).
+    all_dense: ClassVar[bool] = False
+    #: Whether :meth:`encode_global` shares one budget between matrices.
+    supports_global: ClassVar[bool] = False
+    #: Config fields this method forces (e.g. fp16 -> value_dtype).
+    overrides: ClassVar[Mapping[str, object]] = {}
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
+        """Compress one matrix into a record whose kind-specific bytes fit ``budget``."""
+
+    def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
+        """Compress several matrices sharing ``budget`` kind-specific bytes in total."""
+        raise ConfigError(f"method {self.name!r} does not support budget='global'")
+
+
+_C = TypeVar("_C", bound=type[Compressor])
+
+#: Method name -> compressor class.
+REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def register(cls: _C) -> _C:
+    """Class decorator adding a compressor to :data:`REGISTRY` under ``cls.name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"compressor {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_compressor(config: CompressionConfig) -> Compressor:
+    """Instantiate the compressor ``config.method`` names."""
+    import osd_fl.baselines
+    import osd_fl.osd  # noqa: F401  (registers osd)
+
+    try:
+        cls = REGISTRY[config.method]
+    except KeyError:
+        raise ConfigError(f"unknown method {config.method!r}; registered: {sorted(REGISTRY)}") from None
+    return cls(config)
+
+
+def weighted_error(mat: torch.Tensor, approx: torch.Tensor, z: torch.Tensor | None) -> float:
+    """``||sqrt(Z) * (mat - approx)||_F^2`` (Z = ones when ``None``)."""
+    diff = (mat - approx).square_()
+    if z is not None:
+        diff.mul_(z)
+    return float(diff.sum())
+
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+LOWRANK_FIXED = LOWRANK_OVERHEAD

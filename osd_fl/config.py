@@ -1,0 +1,254 @@
+"""The one typed configuration of a compressor.
+
+:class:`CompressionConfig` is the single source of truth for every knob: the
+Python API (``compress(..., **options)``), the Flower train config sent by the
+server, ``[tool.flwr.app.config]`` and the simulation CLI are all generated
+from its fields, whose ``metadata["help"]`` says what each does and how to
+tune it.
+
+Tuning guide (turn the knobs in this order):
+
+1. ``rank`` sets the byte budget: a rank-r budget is what two dense rank-r
+   factors cost, ``r * (n + d)`` values per matrix. Double it to double the
+   upload.
+2. ``value_dtype="float16"`` halves the cost of every kept value; OSD then
+   keeps about twice as many entries for the same bytes.
+3. ``relax`` (c) is how many extra singular directions OSD may draw entries
+   from. With ``adaptive=True`` (default) each matrix tries c = 0..relax and
+   keeps the one with the least importance-weighted error, so a larger
+   ``relax`` never hurts that error, it only costs compute.
+4. ``error_feedback=True`` (client side) accumulates what was not sent and
+   sends it later; it helps most at small ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from osd_fl.errors import ConfigError
+
+__all__ = ["CompressionConfig", "ImportanceForm", "ValueDType"]
+
+ValueDType = Literal["float32", "float16"]
+ImportanceForm = Literal["grad", "taylor", "fisher", "ones", "adam"]
+BudgetMode = Literal["matrix", "global"]
+EmbeddingPolicy = Literal["compress", "dense", "skip"]
+SVDMode = Literal["auto", "exact", "randomized"]
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Every setting of a compressor, with defaults a user would pick.
+
+    Build one directly, or from loose key/value pairs (a Flower
+    ``ConfigRecord`` or CLI flags) with :meth:`from_mapping`.
+    """
+
+    method: str = field(
+        default="osd",
+        metadata={"help": "Compressor name: osd, truncsvd, magtruncsvd, topk, powersgd, dense, fp16, int8."},
+    )
+    rank: int = field(
+        default=1,
+        metadata={"help": "Budget rank r: each compressed matrix gets the bytes of dense rank-r factors."},
+    )
+    relax: int = field(
+        default=3,
+        metadata={"help": "Rank relaxation c (OSD works at rank r + c); with adaptive=True the largest c tried."},
+    )
+    adaptive: bool = field(
+        default=True,
+        metadata={
+            "help": "OSD: choose c in 0..relax per matrix by the importance-weighted error (0 = dense TruncSVD)."
+        },
+    )
+    damage: Literal["l2", "l1"] = field(
+        default="l2",
+        metadata={
+            "help": "OSD damage score: l2 = Z-weighted squared error of dropping an entry "
+            "(default, measured better), l1 = the first-order bound."
+        },
+    )
+    second_pass: bool = field(
+        default=False,
+        metadata={"help": "OSD: re-select B's entries after masking A (the interleaved refinement)."},
+    )
+    value_dtype: ValueDType = field(
+        default="float32",
+        metadata={"help": "Precision of every transmitted value, for every method alike: float32 or float16."},
+    )
+    budget: BudgetMode = field(
+        default="matrix",
+        metadata={"help": "matrix: each matrix gets its own rank-r budget; global: one budget shared by all."},
+    )
+    budget_bytes: int = field(
+        default=0,
+        metadata={"help": "Explicit byte budget of the whole payload (0 = derive it from rank)."},
+    )
+    importance: ImportanceForm = field(
+        default="grad",
+        metadata={
+            "help": "Client side: importance map Z from local validation gradients (grad, taylor, fisher, ones, adam)."
+        },
+    )
+    importance_batches: int = field(
+        default=4,
+        metadata={"help": "Client side: validation batches averaged to compute the importance map."},
+    )
+    error_feedback: bool = field(
+        default=False,
+        metadata={"help": "Client side: keep the residual e <- dW + e - dW_hat and add it to the next update."},
+    )
+    min_numel: int = field(
+        default=4096,
+        metadata={"help": "Matrices with fewer entries than this travel dense (so do all 1-D tensors)."},
+    )
+    embedding_policy: EmbeddingPolicy = field(
+        default="dense",
+        metadata={"help": "Tensors whose name matches embedding_pattern: compress, dense, or skip (send no update)."},
+    )
+    embedding_pattern: str = field(
+        default="embeddings.word_embeddings",
+        metadata={"help": "Substring that marks a tensor as an embedding matrix."},
+    )
+    int8_block: int = field(
+        default=256,
+        metadata={"help": "int8: values per quantization block (one float32 scale each); 0 = one block per tensor."},
+    )
+    svd: SVDMode = field(
+        default="auto",
+        metadata={"help": "SVD routine: exact, randomized, or auto (randomized when r + c << min(n, d))."},
+    )
+    oversample: int = field(
+        default=10,
+        metadata={"help": "Randomized SVD: extra columns beyond r + c."},
+    )
+    niter: int = field(
+        default=2,
+        metadata={"help": "Randomized SVD: power iterations (more = more accurate, slower)."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of every random choice (randomized SVD, PowerSGD init): same seed, same bytes."},
+    )
+
+    def __post_init__(self) -> None:
+        """Check every field and raise :class:`ConfigError` naming the bad one."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = _literal_values(_field_type(f.name))
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{f.name}={value!r} is not one of {sorted(allowed)}")
+        if self.rank < 1:
+            raise ConfigError(f"rank={self.rank} must be >= 1")
+        if self.relax < 0 or self.relax > 64:
+            raise ConfigError(f"relax={self.relax} must be in 0..64")
+        if self.budget_bytes < 0:
+            raise ConfigError(f"budget_bytes={self.budget_bytes} must be >= 0 (0 = derive from rank)")
+        if self.min_numel < 0:
+            raise ConfigError(f"min_numel={self.min_numel} must be >= 0")
+        if self.int8_block < 0:
+            raise ConfigError(f"int8_block={self.int8_block} must be >= 0")
+        if self.importance_batches < 1:
+            raise ConfigError(f"importance_batches={self.importance_batches} must be >= 1")
+        if self.oversample < 0 or self.niter < 0:
+            raise ConfigError("oversample and niter must be >= 0")
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one transmitted value (4 for float32, 2 for float16)."""
+        return 4 if self.value_dtype == "float32" else 2
+
+    def replace(self, **changes: Any) -> CompressionConfig:
+        """Return a copy with ``changes`` applied (validated, loose types coerced)."""
+        merged = self.to_dict()
+        merged.update(changes)
+        return CompressionConfig.from_mapping(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``{field: value}`` (str, int, bool), e.g. for a Flower ConfigRecord."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, prefix: str = "", strict: bool = True) -> CompressionConfig:
+        """Build a config from loose key/value pairs.
+
+        Parameters
+        ----------
+        values
+            Keys are field names (optionally with ``prefix`` and ``-`` in place
+            of ``_``); values may be strings ("true", "4") as CLI flags and
+            ``run_config`` deliver them.
+        prefix
+            Only keys starting with ``prefix`` are read, with it stripped.
+        strict
+            Raise :class:`ConfigError` on an unknown key (after the prefix).
+
+        """
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, raw in values.items():
+            if not raw_key.startswith(prefix):
+                continue
+            key = raw_key[len(prefix) :].replace("-", "_")
+            if key not in names:
+                if strict:
+                    raise ConfigError(f"unknown compression option {raw_key!r}; known: {sorted(names)}")
+                continue
+            kwargs[key] = _coerce(key, raw)
+        return cls(**kwargs)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{field: help text}`` for CLIs and docs."""
+        return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(CompressionConfig)[name]
+
+
+def _literal_values(tp: Any) -> set[Any] | None:
+    if typing.get_origin(tp) is Literal:
+        return set(get_args(tp))
+    return None
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) is Literal:
+        return type(get_args(tp)[0])
+    if isinstance(tp, types.UnionType):
+        return get_args(tp)[0]
+    return tp
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    base = _base_type(_field_type(name))
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, (int, float)) and raw in (0, 1):
+                return bool(raw)
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if base is int:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if base is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name}={raw!r} is not a valid {base.__name__}") from None
+    return raw

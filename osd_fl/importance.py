@@ -1,0 +1,159 @@
+"""Importance maps Z from a client's local validation gradients.
+
+After local training, the client takes the gradient of its *validation*
+loss at the trained weights, ``G = mean over batches of dL_val/dW``, with the
+model in eval mode (dropout off; training mode would add dropout noise to G),
+and turns it into a non-negative map per weight matrix:
+
+* ``grad``   ``Z = |G|``: OSD's score then bounds the first-order loss change
+  of dropping a factor entry.
+* ``taylor`` ``Z = |G * dW|``: first-order Taylor importance of each update
+  entry (needs ``reference``, the weights before local training).
+* ``fisher`` ``Z = mean g^2``: empirical Fisher diagonal (per-batch squares).
+* ``adam``   ``Z = exp_avg_sq`` of the local Adam/AdamW optimizer: a Fisher
+  estimate of *training* gradients at no extra forward/backward pass.
+* ``ones``   ``Z = 1``: data-free (returns an empty mapping, which
+  :func:`osd_fl.compress` reads as ones).
+
+Memory: one buffer per matrix (the ``.grad`` it already has; ``fisher`` adds
+one). Existing ``.grad`` of the selected parameters is overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from osd_fl.config import ImportanceForm
+from osd_fl.errors import ConfigError
+
+__all__ = ["IMPORTANCE_FORMS", "compute_importance", "default_names"]
+
+IMPORTANCE_FORMS: tuple[str, ...] = ("grad", "taylor", "fisher", "ones", "adam")
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_names(model: nn.Module) -> list[str]:
+    """Trainable parameters with two or more dimensions (the matrices OSD compresses)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+
+
+def compute_importance(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    form: ImportanceForm | str = "grad",
+    num_batches: int = 4,
+    names: Iterable[str] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, torch.Tensor]:
+    """Compute Z for the named parameters of ``model``.
+
+    Parameters
+    ----------
+    model
+        The locally trained model.
+    loader
+        Local *validation* batches; the first ``num_batches`` are used.
+    loss_fn
+        ``loss_fn(model, batch) -> scalar loss``.
+    form
+        ``grad``, ``taylor``, ``fisher``, ``adam`` or ``ones`` (see module doc).
+    num_batches
+        Batches averaged; 4 is usually enough, more costs one forward and
+        backward each.
+    names
+        Parameters to score (default :func:`default_names`).
+    reference
+        ``taylor`` only: the weights before local training.
+    optimizer
+        ``adam`` only: the optimizer used for local training.
+
+    Returns
+    -------
+    dict
+        ``{name: Z}`` float32, detached, on the parameters' device.
+
+    """
+    if form not in IMPORTANCE_FORMS:
+        raise ConfigError(f"importance form {form!r} is not one of {IMPORTANCE_FORMS}")
+    if num_batches < 1:
+        raise ConfigError(f"num_batches={num_batches} must be >= 1")
+    params = dict(model.named_parameters())
+    selected = list(names) if names is not None else default_names(model)
+    for n in selected:
+        if n not in params:
+            raise ConfigError(f"importance: model has no parameter {n!r}")
+    if form == "ones":
+        return {}
+    if form == "adam":
+        return _adam_importance(params, selected, optimizer)
+    if form == "taylor" and reference is None:
+        raise ConfigError("importance form 'taylor' needs reference= (the weights before local training)")
+    was_training = model.training
+    model.eval()
+    grads_enabled = {n: params[n].requires_grad for n in selected}
+    for n in selected:
+        params[n].requires_grad_(True)
+        params[n].grad = None
+    fisher: dict[str, torch.Tensor] = {}
+    batches = 0
+    try:
+        with torch.enable_grad():
+            for batch in islice(loader, num_batches):
+                loss = loss_fn(model, batch)
+                torch.autograd.backward(loss)
+                batches += 1
+                if form == "fisher":
+                    for n in selected:
+                        g = params[n].grad
+                        if g is not None:
+                            sq = g.detach().to(torch.float32).square()
+                            fisher[n] = fisher[n].add_(sq) if n in fisher else sq
+                            params[n].grad = None
+        if batches == 0:
+            raise ConfigError("importance: the validation loader yielded no batch")
+        out: dict[str, torch.Tensor] = {}
+        for n in selected:
+            p = params[n]
+            if form == "fisher":
+                z = fisher.get(n, torch.zeros_like(p, dtype=torch.float32)) / batches
+            else:
+                g = (
+                    p.grad.detach().to(torch.float32) / batches
+                    if p.grad is not None
+                    else torch.zeros_like(p, dtype=torch.float32)
+                )
+                if form == "taylor":
+                    assert reference is not None
+                    g = g * (p.detach().to(torch.float32) - reference[n].to(p.device, torch.float32))
+                z = g.abs()
+            out[n] = z
+        return out
+    finally:
+        for n in selected:
+            params[n].grad = None
+            params[n].requires_grad_(grads_enabled[n])
+        model.train(was_training)
+
+
+def _adam_importance(
+    params: Mapping[str, nn.Parameter], names: list[str], optimizer: torch.optim.Optimizer | None
+) -> dict[str, torch.Tensor]:
+    if optimizer is None:
+        raise ConfigError("importance form 'adam' needs optimizer= (the local Adam/AdamW optimizer)")
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        st = optimizer.state.get(params[n], {})
+        v = st.get("exp_avg_sq")
+        if v is None:
+            raise ConfigError(f"importance 'adam': optimizer has no exp_avg_sq for {n!r} (not Adam, or not stepped)")
+        out[n] = v.detach().to(torch.float32).clone()
+    return out

@@ -1,0 +1,100 @@
+"""Joint selection of factor entries under an exact byte budget.
+
+All sparse methods (OSD, MagTruncSVD, top-k; per matrix or globally) reduce
+to one problem: given scores for the slots of several sections, keep the
+highest-scoring entries such that the encoded sections fit ``budget`` bytes.
+The cost of a section is exact (:func:`osd_fl.budget.best_coding` plus the
+values), and it grows with the number of kept entries, so the longest
+score-ordered prefix that fits is found by bisection; a bounded greedy pass
+then keeps scanning past the first entry that did not fit, since entries of
+another section can still be cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from osd_fl.budget import best_coding
+
+__all__ = ["select", "selection_bytes"]
+
+#: Entries scanned past the prefix by the greedy fill.
+GREEDY_SCAN = 1024
+
+
+def selection_bytes(counts: Sequence[int], slots: Sequence[int], value_bytes: int) -> int:
+    """Exact bytes of positions and values of sections with ``counts`` kept entries."""
+    return sum(best_coding(c, m)[2] + c * value_bytes for c, m in zip(counts, slots, strict=True))
+
+
+def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> list[npt.NDArray[np.int64]]:
+    """Pick entries of several sections jointly, best score first, within ``budget`` bytes.
+
+    Parameters
+    ----------
+    scores
+        One flat tensor of non-negative scores per section (its slots).
+    value_bytes
+        Bytes of one kept value.
+    budget
+        Bytes available for the positions and values of all sections.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Sorted kept positions of each section. Ties in score are broken by
+        position (deterministic).
+
+    """
+    slots = [int(s.numel()) for s in scores]
+    total = sum(slots)
+    if budget <= 0 or total == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in scores]
+    max_count = min(total, budget // value_bytes)
+    if max_count <= 0:
+        return [np.zeros(0, dtype=np.int64) for _ in scores]
+    flat = torch.cat([s.reshape(-1).to(torch.float32) for s in scores])
+    flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    if max_count >= total:
+        order = torch.sort(flat, descending=True, stable=True).indices
+    else:
+        order = torch.topk(flat, max_count, sorted=True).indices
+    order_np = order.cpu().numpy().astype(np.int64)
+    offsets = np.cumsum([0, *slots])
+    fid = np.searchsorted(offsets, order_np, side="right") - 1
+    nf = len(slots)
+
+    def cost(t: int) -> int:
+        counts = np.bincount(fid[:t], minlength=nf)
+        return selection_bytes([int(c) for c in counts], slots, value_bytes)
+
+    if len(order_np) == total and cost(total) <= budget:  # everything fits (coding ALL needs no positions)
+        return [np.arange(m, dtype=np.int64) for m in slots]
+    lo, hi = 0, len(order_np)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    keep = list(range(lo))
+    counts = [int(c) for c in np.bincount(fid[:lo], minlength=nf)]
+    spent = selection_bytes(counts, slots, value_bytes)
+    for j in range(lo, min(len(order_np), lo + GREEDY_SCAN)):
+        f = int(fid[j])
+        extra = best_coding(counts[f] + 1, slots[f])[2] - best_coding(counts[f], slots[f])[2] + value_bytes
+        if spent + extra <= budget:
+            counts[f] += 1
+            spent += extra
+            keep.append(j)
+    chosen = order_np[np.asarray(keep, dtype=np.int64)] if keep else np.zeros(0, dtype=np.int64)
+    chosen_fid = fid[np.asarray(keep, dtype=np.int64)] if keep else np.zeros(0, dtype=np.int64)
+    out: list[npt.NDArray[np.int64]] = []
+    for f in range(nf):
+        local = chosen[chosen_fid == f] - offsets[f]
+        out.append(np.sort(local).astype(np.int64))
+    return out

@@ -1,0 +1,213 @@
+"""The wire format: exact sizes, bit-exact round trips, and typed errors on bad bytes."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from osd_fl import REGISTRY, PayloadError, compress, decompress, get_compressor, payload_budget
+from osd_fl.budget import Coding, best_coding, position_bytes
+from osd_fl.codec import decode, decode_positions, encode, encode_positions
+from osd_fl.config import CompressionConfig
+from osd_fl.payload import Kind, Payload, Section, TensorRecord
+
+get_compressor(CompressionConfig())  # populate the registry
+METHODS = sorted(REGISTRY)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def positions_case(draw: st.DrawFn) -> tuple[int, np.ndarray]:
+    slots = draw(st.integers(1, 5000))
+    count = draw(st.integers(0, min(slots, 400)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    pos = np.sort(rng.choice(slots, size=count, replace=False)).astype(np.int64)
+    return slots, pos
+
+
+@SETTINGS
+@given(positions_case(), st.sampled_from([Coding.BITMASK, Coding.FIXED, Coding.ELIAS_FANO, None]))
+def test_position_codings_round_trip_with_exact_size(case: tuple[int, np.ndarray], coding: Coding | None) -> None:
+    slots, pos = case
+    if coding is None:
+        coding, param, size = best_coding(pos.size, slots)
+        if coding == Coding.ALL:
+            return
+    else:
+        from osd_fl.budget import elias_fano_low_bits
+
+        param = elias_fano_low_bits(pos.size, slots) if coding == Coding.ELIAS_FANO else 0
+        size = position_bytes(coding, pos.size, slots, param)
+    buf = encode_positions(coding, param, pos, slots)
+    assert len(buf) == size
+    back = decode_positions(coding, param, buf, pos.size, slots, "t")
+    np.testing.assert_array_equal(back, pos)
+
+
+def test_best_coding_beats_the_paper_index_when_dense() -> None:
+    # a third of the slots kept: bitmask/Elias-Fano cost far less than fixed-width indices
+    slots, count = 3 * (384 + 1536), 384 + 1536
+    coding, _, size = best_coding(count, slots)
+    assert coding != Coding.FIXED
+    assert size < position_bytes(Coding.FIXED, count, slots) / 4
+
+
+@st.composite
+def update_case(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    out: dict[str, torch.Tensor] = {}
+    for i in range(draw(st.integers(1, 3))):
+        n, d = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+        dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+        out[f"layer{i}.weight"] = (torch.randn(n, d, generator=g) * 0.1).to(dtype)
+        if draw(st.booleans()):
+            out[f"layer{i}.bias"] = torch.randn(n, generator=g).to(dtype)
+    return out
+
+
+@SETTINGS
+@given(
+    update_case(),
+    st.sampled_from(METHODS),
+    st.integers(1, 4),
+    st.sampled_from(["float32", "float16"]),
+    st.sampled_from(["matrix", "global"]),
+    st.integers(0, 3),
+)
+def test_budget_holds_and_decoding_restores_every_tensor(
+    update: dict[str, torch.Tensor], method: str, rank: int, vdt: str, mode: str, relax: int
+) -> None:
+    opts: dict[str, Any] = {"min_numel": 16, "value_dtype": vdt, "budget": mode, "relax": relax}
+    blob = compress(update, method=method, rank=rank, **opts)
+    cls = REGISTRY[method]
+    budget = payload_budget({k: tuple(v.shape) for k, v in update.items()}, method=method, rank=rank, **opts)
+    if cls.budgeted:
+        assert len(blob) <= budget
+    out = decompress(blob, expected={k: (tuple(v.shape), v.dtype) for k, v in update.items()})
+    assert list(out) == list(update)
+    for k, v in update.items():
+        assert out[k].shape == v.shape and out[k].dtype == v.dtype
+        assert bool(torch.isfinite(out[k]).all())
+    if method in ("dense",) and vdt == "float32":
+        for k, v in update.items():
+            torch.testing.assert_close(out[k], v.float().to(v.dtype), rtol=0, atol=0)
+
+
+@SETTINGS
+@given(st.integers(1, 3000), st.data(), st.sampled_from(["float32", "float16"]))
+def test_kept_values_survive_bit_exact(slots: int, data: st.DataObject, vdt: str) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    count = data.draw(st.integers(0, slots))
+    pos = np.sort(rng.choice(slots, size=count, replace=False)).astype(np.int64)
+    vals = (rng.standard_normal(count) * 10.0).astype(np.float32)
+    if vdt == "float16":
+        vals = vals.astype(np.float16).astype(np.float32)
+    rec = TensorRecord("x", (slots,), "float32", Kind.SPARSE, sections=[Section(slots, vals, pos)])
+    back = decode(encode(Payload("topk", vdt, [rec]))).records[0].sections[0]
+    assert back.values.tobytes() == vals.tobytes()
+    got = back.positions if back.positions is not None else np.arange(slots)  # coding ALL: every slot
+    np.testing.assert_array_equal(got, pos)
+
+
+def _valid_blob(method: str = "osd") -> bytes:
+    g = torch.Generator().manual_seed(0)
+    upd = {"a.weight": torch.randn(40, 30, generator=g), "a.bias": torch.randn(40, generator=g)}
+    return compress(upd, method=method, rank=2, min_numel=16)
+
+
+@SETTINGS
+@given(st.sampled_from(METHODS), st.data())
+def test_truncated_extended_or_corrupted_blobs_raise_payload_error(method: str, data: st.DataObject) -> None:
+    blob = _valid_blob(method)
+    choice = data.draw(st.sampled_from(["truncate", "extend", "flip", "burst"]))
+    if choice == "truncate":
+        bad = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif choice == "extend":
+        bad = blob + data.draw(st.binary(min_size=1, max_size=64))
+    elif choice == "flip":
+        i = data.draw(st.integers(0, len(blob) * 8 - 1))
+        arr = bytearray(blob)
+        arr[i // 8] ^= 1 << (i % 8)
+        bad = bytes(arr)
+    else:  # any change within 4 consecutive bytes is caught by CRC-32
+        i = data.draw(st.integers(0, len(blob) - 4))
+        burst = data.draw(st.binary(min_size=4, max_size=4))
+        if burst == blob[i : i + 4]:
+            return
+        bad = blob[:i] + burst + blob[i + 4 :]
+    with pytest.raises(PayloadError):
+        decompress(bad)
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@SETTINGS
+@given(st.data())
+def test_hostile_bodies_with_valid_checksum_raise_payload_error_only(data: st.DataObject) -> None:
+    """An attacker can recompute the CRC: the parser itself must reject garbage cleanly."""
+    blob = _valid_blob(data.draw(st.sampled_from(METHODS)))
+    body = bytearray(blob[:-4])
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.integers(0, 255))
+    try:
+        out = decompress(_with_crc(bytes(body)))
+    except PayloadError:
+        return
+    for t in out.values():  # if it parses, what comes out is sane
+        assert bool(torch.isfinite(t).all())
+
+
+def test_random_bytes_with_valid_magic_and_crc_raise_payload_error() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        body = b"OSDF" + rng.integers(0, 256, size=int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+        with pytest.raises(PayloadError):
+            decompress(_with_crc(body))
+
+
+def test_errors_name_the_field() -> None:
+    blob = _valid_blob()
+    with pytest.raises(PayloadError, match="checksum"):
+        decompress(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(PayloadError, match="magic"):
+        decompress(b"XXXX" + blob[4:])
+    with pytest.raises(PayloadError, match="shape"):
+        decompress(blob, expected={"a.weight": ((30, 40), torch.float32), "a.bias": ((40,), torch.float32)})
+    with pytest.raises(PayloadError, match="record count"):
+        decompress(blob, expected={"a.weight": ((40, 30), torch.float32)})
+    with pytest.raises(PayloadError, match="not a tensor of the model"):
+        decompress(blob, expected={"b.weight": ((40, 30), torch.float32), "a.bias": ((40,), torch.float32)})
+    with pytest.raises(PayloadError, match="maximum"):
+        decompress(blob, max_bytes=10)
+
+
+def test_nan_values_and_size_bombs_are_rejected_before_use() -> None:
+    nan_rec = TensorRecord(
+        "x", (4,), "float32", Kind.DENSE, sections=[Section(4, np.array([1, np.nan, 0, 0], np.float32))]
+    )
+    with pytest.raises(PayloadError, match="NaN"):
+        decompress(encode(Payload("dense", "float32", [nan_rec])))
+    # a record that claims 2**40 elements: refused on the shape alone, nothing allocated
+    body = bytearray(b"OSDF" + bytes([1, 0, 5]) + b"dense" + struct.pack("<I", 1))
+    body += struct.pack("<H", 1) + b"x" + bytes([0, int(Kind.DENSE), 2]) + struct.pack("<II", 2**20, 2**20)
+    with pytest.raises(PayloadError, match="exceeds the limit"):
+        decompress(_with_crc(bytes(body)))
+    with pytest.raises(PayloadError, match="shape"):
+        decompress(_with_crc(bytes(body)), expected={"x": ((4, 4), "float32")})
+
+
+def test_same_seed_same_bytes() -> None:
+    g = torch.Generator().manual_seed(3)
+    upd = {"w": torch.randn(600, 300, generator=g)}
+    for method in METHODS:
+        assert compress(upd, method=method, rank=2, seed=7) == compress(upd, method=method, rank=2, seed=7)
