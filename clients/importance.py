@@ -1,0 +1,100 @@
+"""Hand-off of importance maps from a train function to :func:`clients.osd_mod`.
+
+A mod sees messages, not the model or the validation data, so the train
+function computes the importance maps and attaches them to its reply under
+:data:`osd_fl.records.IMPORTANCE_RECORD_KEY`; the mod takes them, uses them as
+Z, and strips them before the reply leaves the client::
+
+    @app.train()
+    def train(msg, context):
+        ...  # train `model` from the global weights in msg
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord({"num-examples": n})})
+        attach_importance(content, msg, model, val_loader, loss_fn,
+                          reference=global_state, optimizer=optimizer)
+        return Message(content=content, reply_to=msg)
+
+The form (``grad``, ``taylor``, ``fisher``, ``adam``, ``ones``) and the
+number of batches come from the server's ``osd.importance`` and
+``osd.importance-batches`` settings. Nothing is computed (and nothing
+attached) when the server did not ask for compression, when the form is
+``ones``, or when the method uses no importance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import Message, RecordDict
+from torch import nn
+
+from clients.mod import IMPORTANCE_METHODS, read_compression_config
+from osd_fl import CompressionConfig, compute_importance
+from osd_fl.importance import LossFn
+from osd_fl.records import IMPORTANCE_RECORD_KEY, tensors_to_record
+
+__all__ = ["attach_importance"]
+
+
+def attach_importance(
+    content: RecordDict,
+    msg: Message | CompressionConfig,
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    names: Iterable[str] | None = None,
+    defaults: CompressionConfig | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Compute importance maps for the OSD mod and add them to a train reply.
+
+    Parameters
+    ----------
+    content
+        The reply's ``RecordDict``; gets an ``ArrayRecord`` under
+        :data:`~osd_fl.records.IMPORTANCE_RECORD_KEY`.
+    msg
+        The train message (its ``osd.*`` settings choose the form), or a
+        :class:`~osd_fl.config.CompressionConfig` directly.
+    model
+        The locally trained model (the maps are taken at its weights).
+    loader
+        Local validation batches (not the training batches: Z should measure
+        how the *held-out* loss reacts to each weight).
+    loss_fn
+        ``loss_fn(model, batch) -> scalar loss``.
+    reference
+        Weights before local training; needed by the ``taylor`` form.
+    optimizer
+        The local optimizer; needed by the ``adam`` form.
+    names
+        Parameters to score (default: every trainable matrix).
+    defaults
+        Client-side settings under the server's (as given to ``make_osd_mod``).
+
+    Returns
+    -------
+    dict or None
+        The maps attached, or ``None`` if nothing was computed.
+    """
+    cfg = msg if isinstance(msg, CompressionConfig) else read_compression_config(msg, defaults)
+    if cfg is None or cfg.method not in IMPORTANCE_METHODS or cfg.importance == "ones":
+        return None
+    maps = compute_importance(
+        model,
+        loader,
+        loss_fn,
+        form=cfg.importance,
+        num_batches=cfg.importance_batches,
+        names=names,
+        reference=reference,
+        optimizer=optimizer,
+    )
+    if not maps:
+        return None
+    content[IMPORTANCE_RECORD_KEY] = tensors_to_record(maps)
+    return maps

@@ -1,0 +1,252 @@
+"""Client side of osd-fl: a Flower mod that compresses the train reply.
+
+Add it to an existing ClientApp; nothing else in the app changes::
+
+    from clients import osd_mod
+    app = ClientApp(mods=[osd_mod])
+
+and wrap the server's strategy in :class:`strategies.OSDStrategy`. On every
+train message the mod
+
+1. keeps the global model the server sent and reads the ``osd.*`` settings
+   from the train config (over the mod's own defaults);
+2. calls the train function, which replies as usual with its trained weights
+   (one ``ArrayRecord``) and a ``MetricRecord`` with ``num-examples``;
+3. forms ``dW = trained - global`` for every floating tensor, adds the
+   error-feedback residual kept in ``context.state`` (if enabled), compresses
+   with :func:`osd_fl.compress` using the importance maps the train function
+   attached (see :func:`clients.attach_importance`; Z = ones if none), and
+4. replaces the reply's weights by the payload record and adds the metrics
+   ``osd-compress-s`` (seconds in ``compress``, measured here),
+   ``osd-payload-bytes`` and ``osd-dense-bytes`` (what dense float32 would
+   cost), plus ``osd-residual-in-norm`` / ``osd-residual-norm`` with error
+   feedback (a zero ``in`` norm after round 1 means the residual was lost,
+   e.g. by a SuperNode restart).
+
+Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are not sent;
+the server keeps their global value.
+
+Messages other than ``train`` pass through untouched; so do train messages
+whose config has no ``osd.*`` key (a server that does not use
+:class:`~strategies.OSDStrategy` gets plain weights, with a warning). Any
+problem becomes an error reply with a reason, which the server counts as
+``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+
+from osd_fl import CompressionConfig, CompressorState, ErrorFeedback, OSDError, compress
+from osd_fl.records import (
+    IMPORTANCE_RECORD_KEY,
+    METRIC_COMPRESS_SECONDS,
+    METRIC_DENSE_BYTES,
+    METRIC_PAYLOAD_BYTES,
+    METRIC_RESIDUAL_IN,
+    METRIC_RESIDUAL_OUT,
+    PAYLOAD_RECORD_KEY,
+    STATE_CLIENT_KEY,
+    STATE_COMPRESSOR_KEY,
+    STATE_RESIDUAL_KEY,
+    WEIGHT_KEY,
+    config_from_record,
+    has_config,
+    numpy_to_record,
+    payload_to_record,
+    record_to_numpy,
+    record_to_tensors,
+)
+
+__all__ = ["make_osd_mod", "osd_mod", "read_compression_config"]
+
+# A child of Flower's logger, so messages show in the ClientApp's console like Flower's own.
+log = logging.getLogger("flwr.osd.client")
+
+#: Methods whose selection uses an importance map Z.
+IMPORTANCE_METHODS = frozenset({"osd"})
+
+_FLAG_WARNED_NO_IMPORTANCE = "warned-no-importance"
+_FLAG_WARNED_NO_CONFIG = "warned-no-config"
+
+
+def read_compression_config(msg: Message, defaults: CompressionConfig | None = None) -> CompressionConfig | None:
+    """The compression settings of a train message, over ``defaults``.
+
+    A train function can call this to learn, e.g., which importance form to
+    compute. Returns ``None`` when no ``ConfigRecord`` of the message has an
+    ``osd.*`` key (the server does not ask for compression).
+
+    Raises
+    ------
+    osd_fl.ConfigError
+        A setting the server sent is invalid.
+    """
+    found: dict[str, Any] = {}
+    for record in msg.content.config_records.values():
+        if has_config(record):
+            found.update(record)
+    if not found:
+        return None
+    return config_from_record(found, defaults=defaults)
+
+
+def _error_reply(msg: Message, reason: str, code: int = ErrorCode.MOD_FAILED_PRECONDITION) -> Message:
+    log.error("osd_mod: %s", reason)
+    return Message(Error(code=code, reason=f"osd_mod: {reason}"), reply_to=msg)
+
+
+def _flags(context: Context) -> ConfigRecord:
+    if STATE_CLIENT_KEY not in context.state.config_records:
+        context.state[STATE_CLIENT_KEY] = ConfigRecord()
+    return context.state.config_records[STATE_CLIENT_KEY]
+
+
+def _warn_once(context: Context, flag: str, text: str) -> None:
+    # The flag lives in context.state, so "once" holds per node across rounds
+    # even where each message runs in a fresh process (deployment).
+    flags = _flags(context)
+    if not flags.get(flag, False):
+        log.warning(text)
+        flags[flag] = True
+
+
+def _load_numpy_state(context: Context, key: str) -> dict[str, Any]:
+    record = context.state.array_records.get(key)
+    return record_to_numpy(record) if record is not None else {}
+
+
+def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
+    """Build an OSD client mod with client-side default settings.
+
+    Parameters
+    ----------
+    defaults
+        Settings for every field the server does not send. (``OSDStrategy``
+        sends all fields, so these matter for servers that send a subset.)
+
+    Returns
+    -------
+    Mod
+        ``mod(msg, context, call_next) -> Message`` for ``ClientApp(mods=[...])``.
+    """
+    base = defaults if defaults is not None else CompressionConfig()
+
+    def osd_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN or not msg.has_content():
+            return call_next(msg, context)
+        try:
+            cfg = read_compression_config(msg, base)
+        except OSDError as exc:
+            return _error_reply(msg, f"invalid compression settings from the server: {exc}")
+        if cfg is None:
+            _warn_once(
+                context,
+                _FLAG_WARNED_NO_CONFIG,
+                "osd_mod: the train config has no 'osd.*' settings (is the server strategy "
+                "wrapped in OSDStrategy?); sending uncompressed weights",
+            )
+            reply = call_next(msg, context)
+            if reply.has_content() and IMPORTANCE_RECORD_KEY in reply.content:
+                del reply.content[IMPORTANCE_RECORD_KEY]
+            return reply
+
+        sent = list(msg.content.array_records.values())
+        if len(sent) != 1:
+            return _error_reply(msg, f"expected exactly one ArrayRecord in the train message, found {len(sent)}")
+        global_record = sent[0]
+        # Decode the global model before training: the train function may
+        # change the message it was given.
+        global_tensors = record_to_tensors(global_record)
+
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        content = reply.content
+        importance_record = content.array_records.get(IMPORTANCE_RECORD_KEY)
+        if IMPORTANCE_RECORD_KEY in content:
+            del content[IMPORTANCE_RECORD_KEY]
+
+        trained_records = list(content.array_records.items())
+        if len(trained_records) != 1:
+            return _error_reply(
+                msg, f"expected exactly one ArrayRecord in the train reply, found {len(trained_records)}"
+            )
+        trained_key, trained_record = trained_records[0]
+        if set(trained_record.keys()) != set(global_tensors):
+            missing = sorted(set(global_tensors) - set(trained_record.keys()))
+            extra = sorted(set(trained_record.keys()) - set(global_tensors))
+            return _error_reply(msg, f"reply arrays do not match the global model (missing {missing}, extra {extra})")
+        metric_records = list(content.metric_records.values())
+        if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
+            return _error_reply(msg, f"the train reply needs exactly one MetricRecord with {WEIGHT_KEY!r}")
+        metrics: MetricRecord = metric_records[0]
+
+        trained = record_to_tensors(trained_record)
+        update: dict[str, torch.Tensor] = {}
+        for name, before in global_tensors.items():
+            after = trained[name]
+            if tuple(after.shape) != tuple(before.shape):
+                return _error_reply(
+                    msg, f"tensor {name!r}: trained shape {tuple(after.shape)} != global {tuple(before.shape)}"
+                )
+            if before.dtype.is_floating_point:  # integer buffers keep the global value
+                update[name] = after.to(before.dtype) - before
+        del trained, global_tensors
+
+        importance: dict[str, torch.Tensor] | None = None
+        if importance_record is not None:
+            importance = {k: v for k, v in record_to_tensors(importance_record).items() if k in update}
+        elif cfg.method in IMPORTANCE_METHODS and cfg.importance != "ones":
+            _warn_once(
+                context,
+                _FLAG_WARNED_NO_IMPORTANCE,
+                f"osd_mod: no importance maps attached (importance={cfg.importance!r}); using Z = ones. "
+                "Call clients.attach_importance in the train function to use validation gradients.",
+            )
+
+        feedback = None
+        residual_in = 0.0
+        if cfg.error_feedback:
+            feedback = ErrorFeedback.from_numpy(_load_numpy_state(context, STATE_RESIDUAL_KEY))
+            residual_in = feedback.norm()
+        state = CompressorState.from_numpy(_load_numpy_state(context, STATE_COMPRESSOR_KEY))
+
+        start = time.perf_counter()
+        try:
+            blob = compress(update, importance=importance, config=cfg, feedback=feedback, state=state)
+        except OSDError as exc:
+            return _error_reply(msg, f"compression failed: {exc}")
+        seconds = time.perf_counter() - start
+
+        if feedback is not None:
+            context.state[STATE_RESIDUAL_KEY] = numpy_to_record(feedback.to_numpy())
+        elif STATE_RESIDUAL_KEY in context.state:
+            del context.state[STATE_RESIDUAL_KEY]  # EF switched off: drop the stale residual
+        saved_state = state.to_numpy()
+        if saved_state:
+            context.state[STATE_COMPRESSOR_KEY] = numpy_to_record(saved_state)
+
+        del content[trained_key]
+        content[PAYLOAD_RECORD_KEY] = payload_to_record(blob)
+        metrics[METRIC_COMPRESS_SECONDS] = seconds
+        metrics[METRIC_PAYLOAD_BYTES] = len(blob)
+        metrics[METRIC_DENSE_BYTES] = sum(t.numel() * 4 for t in update.values())
+        if feedback is not None:
+            metrics[METRIC_RESIDUAL_IN] = residual_in
+            metrics[METRIC_RESIDUAL_OUT] = feedback.norm()
+        return reply
+
+    osd_mod.__doc__ = f"Compress the train reply's update with OSD (see :mod:`clients.mod`); defaults: {base.to_dict()}"
+    return osd_mod
+
+
+osd_mod: Mod = make_osd_mod()
+"""The OSD client mod with default client-side settings (see :func:`make_osd_mod`)."""

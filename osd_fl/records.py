@@ -1,0 +1,370 @@
+"""Flower records of osd-fl: shared key names and conversions.
+
+This is the one module of :mod:`osd_fl` that imports Flower. The client mod
+(:mod:`clients`) and the server strategy (:mod:`strategies`) both take their
+record keys and metric names from here, so the two sides cannot drift apart.
+
+What travels where
+------------------
+Server -> client (train instruction)
+    The global model as Flower's usual ``ArrayRecord`` (dense, one ``Array``
+    per tensor) and a ``ConfigRecord`` that holds every
+    :class:`~osd_fl.config.CompressionConfig` field under the prefix
+    :data:`CONFIG_PREFIX` (``"osd.rank"``, ``"osd.method"``, ...).
+Client -> server (train reply)
+    One ``ArrayRecord`` under :data:`PAYLOAD_RECORD_KEY` holding exactly one
+    ``Array`` (:data:`PAYLOAD_ARRAY_KEY`) whose ``data`` *is* the payload
+    bytes (``stype`` :data:`PAYLOAD_STYPE`, no ``.npy`` header), and the usual
+    ``MetricRecord`` with ``num-examples`` plus the client's compression time
+    and payload size. One flat array keeps Flower's framing to a few hundred
+    bytes per reply, whatever the number of tensors.
+Train function -> client mod (inside the client only)
+    An optional ``ArrayRecord`` of importance maps under
+    :data:`IMPORTANCE_RECORD_KEY`; the mod strips it before the reply leaves.
+``context.state`` (per client, across rounds)
+    The error-feedback residual under :data:`STATE_RESIDUAL_KEY` and the
+    compressor's warm starts under :data:`STATE_COMPRESSOR_KEY`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from osd_fl.config import CompressionConfig
+from osd_fl.errors import ConfigError, PayloadError
+
+__all__ = [
+    "CONFIG_PREFIX",
+    "IMPORTANCE_RECORD_KEY",
+    "METRIC_ACCEPTED",
+    "METRIC_BYTES_DOWN",
+    "METRIC_BYTES_UP",
+    "METRIC_COMPRESS_SECONDS",
+    "METRIC_DENSE_BYTES",
+    "METRIC_FAILED",
+    "METRIC_MESSAGES_DOWN",
+    "METRIC_MESSAGES_UP",
+    "METRIC_PAYLOAD_BYTES",
+    "METRIC_PAYLOAD_BYTES_DOWN",
+    "METRIC_PAYLOAD_BYTES_UP",
+    "METRIC_REJECTED",
+    "METRIC_RESIDUAL_IN",
+    "METRIC_RESIDUAL_OUT",
+    "PAYLOAD_ARRAY_KEY",
+    "PAYLOAD_RECORD_KEY",
+    "PAYLOAD_STYPE",
+    "STATE_CLIENT_KEY",
+    "STATE_COMPRESSOR_KEY",
+    "STATE_RESIDUAL_KEY",
+    "WEIGHT_KEY",
+    "config_from_record",
+    "config_to_record",
+    "has_config",
+    "numpy_to_record",
+    "payload_to_record",
+    "record_specs",
+    "record_to_numpy",
+    "record_to_payload",
+    "record_to_tensors",
+    "tensors_to_record",
+    "unknown_config_keys",
+]
+
+log = logging.getLogger(__name__)
+
+# --- keys in messages ---------------------------------------------------------
+
+CONFIG_PREFIX: Final = "osd."
+"""Prefix of every compression setting in the train ``ConfigRecord``."""
+
+PAYLOAD_RECORD_KEY: Final = "osd.payload"
+"""RecordDict key of the reply's payload ``ArrayRecord``."""
+
+PAYLOAD_ARRAY_KEY: Final = "payload"
+"""Name of the single ``Array`` inside the payload record."""
+
+PAYLOAD_STYPE: Final = "osd-fl.payload"
+"""``Array.stype`` of the payload: ``data`` is the raw payload, no header."""
+
+IMPORTANCE_RECORD_KEY: Final = "osd.importance"
+"""RecordDict key under which a train function hands importance maps to the mod."""
+
+STATE_RESIDUAL_KEY: Final = "osd.residual"
+"""``context.state`` key of the error-feedback residual (``ArrayRecord``)."""
+
+STATE_COMPRESSOR_KEY: Final = "osd.compressor-state"
+"""``context.state`` key of the compressor's warm starts (``ArrayRecord``)."""
+
+STATE_CLIENT_KEY: Final = "osd.client"
+"""``context.state`` key of the mod's own flags (``ConfigRecord``)."""
+
+WEIGHT_KEY: Final = "num-examples"
+"""Metric that weights a client's update (Flower's convention)."""
+
+# --- metrics a client adds to its train reply ------------------------------------
+
+METRIC_COMPRESS_SECONDS: Final = "osd-compress-s"
+"""Seconds the client spent in ``compress`` (measured on the client)."""
+
+METRIC_PAYLOAD_BYTES: Final = "osd-payload-bytes"
+"""``len(payload)`` as the client produced it."""
+
+METRIC_DENSE_BYTES: Final = "osd-dense-bytes"
+"""Bytes the same update would take as dense float32 arrays."""
+
+METRIC_RESIDUAL_IN: Final = "osd-residual-in-norm"
+"""Error feedback only: norm of the residual carried into this round (0 = none kept)."""
+
+METRIC_RESIDUAL_OUT: Final = "osd-residual-norm"
+"""Error feedback only: norm of the residual kept for the next round."""
+
+# --- metrics the server strategy adds per round ----------------------------------
+
+METRIC_ACCEPTED: Final = "accepted"
+"""Replies that passed validation and were aggregated."""
+
+METRIC_REJECTED: Final = "rejected"
+"""Replies with content that failed validation (excluded, reason logged)."""
+
+METRIC_FAILED: Final = "failed"
+"""Replies that carried a Flower ``Error`` instead of content."""
+
+METRIC_BYTES_DOWN: Final = "bytes-down"
+"""Serialized bytes of every message the server sent in the phase."""
+
+METRIC_BYTES_UP: Final = "bytes-up"
+"""Serialized bytes of every reply the server received in the phase."""
+
+METRIC_PAYLOAD_BYTES_DOWN: Final = "payload-bytes-down"
+"""Array bytes (``Array.data``) inside the messages sent."""
+
+METRIC_PAYLOAD_BYTES_UP: Final = "payload-bytes-up"
+"""Array bytes (``Array.data``) inside the replies received."""
+
+METRIC_MESSAGES_DOWN: Final = "messages-down"
+"""Number of messages sent in the phase."""
+
+METRIC_MESSAGES_UP: Final = "messages-up"
+"""Number of replies received in the phase."""
+
+
+# --- payload <-> ArrayRecord ------------------------------------------------------
+
+
+def payload_to_record(blob: bytes) -> ArrayRecord:
+    """Wrap payload bytes in a one-array ``ArrayRecord`` without copying them twice.
+
+    Parameters
+    ----------
+    blob
+        The output of :func:`osd_fl.compress`.
+
+    Returns
+    -------
+    ArrayRecord
+        ``{PAYLOAD_ARRAY_KEY: Array(dtype="uint8", shape=(len(blob),), stype=PAYLOAD_STYPE)}``.
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, got {type(blob).__name__}")
+    data = bytes(blob)
+    array = Array(dtype="uint8", shape=(len(data),), stype=PAYLOAD_STYPE, data=data)
+    return ArrayRecord({PAYLOAD_ARRAY_KEY: array})
+
+
+def record_to_payload(record: Any, *, max_bytes: int | None = None) -> bytes:
+    """Extract payload bytes from a reply's record, checking its framing.
+
+    Parameters
+    ----------
+    record
+        What the reply holds under :data:`PAYLOAD_RECORD_KEY` (anything: it
+        comes from the wire).
+    max_bytes
+        Reject a payload longer than this, before anything is decoded.
+
+    Returns
+    -------
+    bytes
+        The payload, ready for :func:`osd_fl.decompress`.
+
+    Raises
+    ------
+    PayloadError
+        Naming the field that is wrong (record type, array name, dtype,
+        shape, stype, declared versus actual length, size limit).
+    """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"record {PAYLOAD_RECORD_KEY!r}: expected an ArrayRecord, got {type(record).__name__}")
+    keys = list(record.keys())
+    if keys != [PAYLOAD_ARRAY_KEY]:
+        raise PayloadError(
+            f"record {PAYLOAD_RECORD_KEY!r}: expected exactly one array {PAYLOAD_ARRAY_KEY!r}, got {keys}"
+        )
+    array = record[PAYLOAD_ARRAY_KEY]
+    if array.stype != PAYLOAD_STYPE:
+        raise PayloadError(f"array {PAYLOAD_ARRAY_KEY!r}: stype {array.stype!r}, expected {PAYLOAD_STYPE!r}")
+    if array.dtype != "uint8":
+        raise PayloadError(f"array {PAYLOAD_ARRAY_KEY!r}: dtype {array.dtype!r}, expected 'uint8'")
+    shape = tuple(array.shape)
+    data = array.data
+    if not isinstance(data, bytes):
+        raise PayloadError(f"array {PAYLOAD_ARRAY_KEY!r}: data is {type(data).__name__}, expected bytes")
+    if len(shape) != 1 or shape[0] != len(data):
+        raise PayloadError(
+            f"array {PAYLOAD_ARRAY_KEY!r}: shape {shape} does not match the {len(data)} bytes it carries"
+        )
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadError(f"array {PAYLOAD_ARRAY_KEY!r}: {len(data)} bytes exceed the limit of {max_bytes} bytes")
+    return data
+
+
+# --- CompressionConfig <-> ConfigRecord ---------------------------------------------
+
+
+def config_to_record(config: CompressionConfig, *, prefix: str = CONFIG_PREFIX) -> ConfigRecord:
+    """Every field of ``config`` as ``{prefix + field: value}``.
+
+    Parameters
+    ----------
+    config
+        The settings to send.
+    prefix
+        Key prefix; the client reads the same prefix.
+
+    Returns
+    -------
+    ConfigRecord
+        Values are str, int or bool, as Flower's ``ConfigRecord`` requires.
+    """
+    return ConfigRecord({f"{prefix}{name}": value for name, value in config.to_dict().items()})
+
+
+def has_config(values: Mapping[str, Any], *, prefix: str = CONFIG_PREFIX) -> bool:
+    """Whether any key of ``values`` carries the compression prefix."""
+    return any(isinstance(k, str) and k.startswith(prefix) for k in values)
+
+
+def unknown_config_keys(values: Mapping[str, Any], *, prefix: str = CONFIG_PREFIX) -> list[str]:
+    """Keys with ``prefix`` that name no :class:`CompressionConfig` field."""
+    known = set(CompressionConfig.help())
+    out = []
+    for key in values:
+        if isinstance(key, str) and key.startswith(prefix) and key[len(prefix) :].replace("-", "_") not in known:
+            out.append(key)
+    return sorted(out)
+
+
+def config_from_record(
+    values: Mapping[str, Any],
+    *,
+    defaults: CompressionConfig | None = None,
+    prefix: str = CONFIG_PREFIX,
+    strict: bool = False,
+) -> CompressionConfig:
+    """Read the compression settings a server sent, over client-side defaults.
+
+    Parameters
+    ----------
+    values
+        A ``ConfigRecord`` (or any mapping); only keys starting with
+        ``prefix`` are read, other keys (``lr``, ``server-round``) are ignored.
+    defaults
+        Settings for the fields the server did not send.
+    prefix
+        Key prefix.
+    strict
+        If True, an unknown ``prefix`` key raises :class:`ConfigError`; if
+        False (the client's choice, so an older client can serve a newer
+        server) it is ignored with a warning.
+
+    Returns
+    -------
+    CompressionConfig
+        ``defaults`` with the sent fields replaced (values coerced and validated).
+
+    Raises
+    ------
+    ConfigError
+        A sent value is invalid (or, with ``strict``, a key is unknown).
+    """
+    unknown = unknown_config_keys(values, prefix=prefix)
+    if unknown:
+        if strict:
+            raise ConfigError(f"unknown compression settings {unknown}; known: {sorted(CompressionConfig.help())}")
+        log.warning("ignoring unknown compression settings %s", unknown)
+    sent = {
+        k[len(prefix) :].replace("-", "_"): v
+        for k, v in values.items()
+        if isinstance(k, str) and k.startswith(prefix) and k not in unknown
+    }
+    base = defaults if defaults is not None else CompressionConfig()
+    if not sent:
+        return base
+    merged = base.to_dict()
+    merged.update(sent)
+    return CompressionConfig.from_mapping(merged)
+
+
+# --- tensors / arrays <-> ArrayRecord -----------------------------------------------
+
+
+def _torch_dtype(numpy_dtype: str) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(numpy_dtype))).dtype
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"dtype {numpy_dtype!r} has no torch equivalent") from exc
+
+
+def record_specs(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and torch dtypes of a record's arrays, read from metadata only.
+
+    Parameters
+    ----------
+    record
+        A Flower ``ArrayRecord`` (e.g. the global model the server broadcast).
+
+    Returns
+    -------
+    dict
+        ``{name: (shape, dtype)}``, the ``expected`` argument of
+        :func:`osd_fl.decompress`. No array data is decoded.
+    """
+    return {name: (tuple(int(s) for s in arr.shape), _torch_dtype(arr.dtype)) for name, arr in record.items()}
+
+
+def numpy_to_record(arrays: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
+    """``{name: ndarray}`` as an ``ArrayRecord`` (order kept)."""
+    return ArrayRecord({name: Array(np.asarray(arr)) for name, arr in arrays.items()})
+
+
+def record_to_numpy(record: ArrayRecord) -> dict[str, npt.NDArray[Any]]:
+    """Inverse of :func:`numpy_to_record` (arrays must have Flower's numpy stype)."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A torch state dict as an ``ArrayRecord`` (detached CPU copies).
+
+    Unlike ``ArrayRecord.from_torch_state_dict`` this works in any process
+    (it imports torch itself), and bfloat16 tensors, which Flower's ``Array``
+    cannot hold, are sent as float32.
+    """
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        out[name] = t.numpy()
+    return numpy_to_record(out)
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies)."""
+    return {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in record_to_numpy(record).items()}

@@ -1,0 +1,1 @@
+"""Runnable experiments: tasks, Flower apps, sweeps, benchmarks and plots."""

@@ -1,0 +1,141 @@
+"""Run settings of the digits apps: one frozen dataclass, the source of every key.
+
+``[tool.flwr.app.config]`` in ``pyproject.toml`` holds every field of
+:class:`DigitsSettings` (hyphenated, ``num-server-rounds``) and every field of
+:class:`~osd_fl.config.CompressionConfig` under ``osd.`` (``osd.rank``).
+:func:`app_config_toml` renders that section from the dataclasses, and a test
+checks that ``pyproject.toml`` matches it, so the two cannot drift. Override
+any key at run time::
+
+    flwr run . --run-config "num-server-rounds=5 osd.rank=2 osd.method='truncsvd'"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from osd_fl import CompressionConfig, ConfigError
+from osd_fl.records import CONFIG_PREFIX
+
+__all__ = ["DigitsSettings", "app_config_items", "app_config_toml", "compression_from_run_config"]
+
+
+@dataclass(frozen=True)
+class DigitsSettings:
+    """Everything a digits run needs besides the compression settings."""
+
+    num_server_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
+    fraction_train: float = field(default=1.0, metadata={"help": "Share of connected nodes sampled for training."})
+    fraction_evaluate: float = field(
+        default=1.0, metadata={"help": "Share of nodes sampled for federated evaluation (0 = none)."}
+    )
+    min_nodes: int = field(default=2, metadata={"help": "Nodes that must be connected before a round starts."})
+    local_epochs: int = field(default=1, metadata={"help": "Local epochs per round on each client."})
+    optimizer: str = field(default="sgd", metadata={"help": "Local optimizer: sgd (momentum 0.9) or adam."})
+    lr: float = field(default=0.1, metadata={"help": "Local learning rate."})
+    batch_size: int = field(default=32, metadata={"help": "Local mini-batch size."})
+    hidden: int = field(
+        default=128, metadata={"help": "Hidden units of the MLP (the compressed matrix is hidden x 64)."}
+    )
+    val_fraction: float = field(default=0.2, metadata={"help": "Share of each partition kept for local validation."})
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "Share of the data held out for the server's test set."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data split, model init and shuffling."})
+    server_lr: float = field(default=1.0, metadata={"help": "Server learning rate: W <- W + server_lr * avg(dW)."})
+    max_payload_bytes: int = field(
+        default=0, metadata={"help": "Largest payload the server accepts (0 = the method's own budget)."}
+    )
+    central_eval: bool = field(default=True, metadata={"help": "Evaluate the global model on the test set each round."})
+    results_dir: str = field(
+        default="", metadata={"help": "Folder for traffic.csv, rounds.csv and result.json ('' = do not write)."}
+    )
+    default_partitions: int = field(
+        default=2,
+        metadata={"help": "num-partitions to assume when the node config has none (a SuperNode started without it)."},
+    )
+
+    def __post_init__(self) -> None:
+        """Check ranges; raise :class:`~osd_fl.ConfigError` naming the bad field."""
+        if self.num_server_rounds < 1:
+            raise ConfigError(f"num-server-rounds={self.num_server_rounds} must be >= 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction-evaluate={self.fraction_evaluate} must be in [0, 1]")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer={self.optimizer!r} must be 'sgd' or 'adam'")
+        for name in ("min_nodes", "local_epochs", "batch_size", "hidden", "default_partitions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.server_lr <= 0:
+            raise ConfigError("lr and server-lr must be positive")
+        if self.max_payload_bytes < 0:
+            raise ConfigError(f"max-payload-bytes={self.max_payload_bytes} must be >= 0")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> DigitsSettings:
+        """Read the hyphenated keys of a Flower ``run_config`` (others are ignored).
+
+        Missing keys keep their defaults, so ``run_simulation`` (empty
+        run_config) gets a working run.
+        """
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                continue
+            raw = run_config[key]
+            kind = hints[f.name]
+            try:
+                if kind is bool:
+                    kwargs[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+                elif kind is int:
+                    kwargs[f.name] = int(raw)
+                elif kind is float:
+                    kwargs[f.name] = float(raw)
+                else:
+                    kwargs[f.name] = str(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        return cls(**kwargs)
+
+
+def compression_from_run_config(run_config: Mapping[str, Any]) -> CompressionConfig:
+    """The ``osd.*`` keys of a ``run_config`` as a :class:`CompressionConfig` (strict)."""
+    return CompressionConfig.from_mapping(run_config, prefix=CONFIG_PREFIX, strict=True)
+
+
+def app_config_items() -> dict[str, Any]:
+    """Every ``[tool.flwr.app.config]`` key with its default, in order."""
+    items: dict[str, Any] = {}
+    for f in dataclasses.fields(DigitsSettings):
+        items[f.name.replace("_", "-")] = getattr(DigitsSettings(), f.name)
+    for name, value in CompressionConfig().to_dict().items():
+        items[f"{CONFIG_PREFIX}{name.replace('_', '-')}"] = value
+    return items
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def app_config_toml() -> str:
+    """The ``[tool.flwr.app.config]`` section, with each setting's help as a comment."""
+    helps = {f.name.replace("_", "-"): str(f.metadata.get("help", "")) for f in dataclasses.fields(DigitsSettings)}
+    helps.update({f"{CONFIG_PREFIX}{k.replace('_', '-')}": v for k, v in CompressionConfig.help().items()})
+    lines = ["[tool.flwr.app.config]"]
+    for key, value in app_config_items().items():
+        lines.append(f"# {helps[key]}")
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

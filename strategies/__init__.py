@@ -1,0 +1,15 @@
+"""Flower ServerApp side of osd-fl: the strategy wrapper and the byte meter.
+
+::
+
+    from flwr.serverapp.strategy import FedAvg
+    from strategies import OSDStrategy
+    strategy = OSDStrategy(FedAvg(), config=CompressionConfig(rank=2))
+
+Pair it with :func:`clients.osd_mod` on the ClientApp.
+"""
+
+from strategies.metering import ByteMeter, MessageSize, MeteredGrid, TrafficRow, message_size
+from strategies.osd_strategy import OSDStrategy, Rejection
+
+__all__ = ["ByteMeter", "MessageSize", "MeteredGrid", "OSDStrategy", "Rejection", "TrafficRow", "message_size"]

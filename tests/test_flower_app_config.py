@@ -1,0 +1,85 @@
+"""pyproject's Flower app sections: valid for Flower, complete, and in sync with the dataclasses."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.clientapp import ClientApp
+from flwr.common.config import (
+    flatten_dict,
+    get_fused_config_from_dir,
+    get_project_config,
+    parse_config_args,
+    validate_config,
+)
+from flwr.serverapp import ServerApp
+
+from clients import osd_mod
+from osd_fl import CompressionConfig, ConfigError
+from simulations.digits_config import (
+    DigitsSettings,
+    app_config_items,
+    app_config_toml,
+    compression_from_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_is_a_valid_flower_app() -> None:
+    config = get_project_config(ROOT)
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=ROOT)
+    assert ok, errors
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "simulations.digits_server:app", "clientapp": "simulations.digits_client:app"}
+
+
+def test_registered_apps_are_wired_to_osd() -> None:
+    from simulations.digits_client import app as client_app
+    from simulations.digits_server import app as server_app
+
+    assert isinstance(server_app, ServerApp)
+    assert isinstance(client_app, ClientApp)
+    assert osd_mod in client_app._mods
+
+
+def test_app_config_holds_every_setting_and_matches_the_dataclasses() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        section = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    expected = app_config_items()
+    assert flatten_dict(section) == expected, (
+        "pyproject's [tool.flwr.app.config] is out of date; regenerate it with\n"
+        'python -c "from simulations.digits_config import app_config_toml; print(app_config_toml())"'
+    )
+    assert {k for k in expected if k.startswith("osd.")} == {
+        "osd." + f.replace("_", "-") for f in CompressionConfig().to_dict()
+    }
+    assert tomllib.loads(app_config_toml())["tool"]["flwr"]["app"]["config"] == section
+
+
+def test_run_config_overrides_reach_the_apps() -> None:
+    overrides = parse_config_args(
+        ["num-server-rounds=5 lr=0.05 osd.rank=2 osd.method='truncsvd' osd.error-feedback=true"]
+    )
+    run_config = get_fused_config_from_dir(ROOT, overrides)
+    settings = DigitsSettings.from_run_config(run_config)
+    assert (settings.num_server_rounds, settings.lr) == (5, 0.05)
+    assert settings.hidden == DigitsSettings().hidden
+    compression = compression_from_run_config(run_config)
+    assert compression == CompressionConfig().replace(method="truncsvd", rank=2, error_feedback=True)
+    with pytest.raises(ValueError, match="not present"):
+        get_fused_config_from_dir(ROOT, parse_config_args(["osd.rnak=2"]))
+
+
+def test_settings_parse_and_validate() -> None:
+    assert DigitsSettings.from_run_config({}) == DigitsSettings()
+    got = DigitsSettings.from_run_config({"local-epochs": "3", "central-eval": "false", "lr": 1, "other": "x"})
+    assert (got.local_epochs, got.central_eval, got.lr) == (3, False, 1.0)
+    with pytest.raises(ConfigError, match="local-epochs"):
+        DigitsSettings.from_run_config({"local-epochs": "three"})
+    with pytest.raises(ConfigError, match="fraction-train"):
+        DigitsSettings(fraction_train=0.0)
+    with pytest.raises(ConfigError, match="unknown compression option"):
+        compression_from_run_config({"osd.rnak": 2})
