@@ -1,0 +1,404 @@
+"""Accuracy versus bytes: run a sweep of methods, budgets and seeds; write CSV, plots and a summary.
+
+Every run is a federated training of the text task (MiniLM on Rotten
+Tomatoes, :mod:`simulations.text_fl`) with one upload compression setting.
+Runs are independent; each writes ``runs/<run-id>.csv`` when it finishes,
+so an interrupted sweep resumes where it stopped (finished runs are skipped).
+At the end the sweep writes ``rounds.csv`` (every round of every run),
+``summary.csv`` / ``summary.md`` (final accuracy and bytes per method and
+budget, mean and spread over seeds) and three plots.
+
+    python -m simulations.sweep --preset demo        # the README's demo (minutes)
+    python -m simulations.sweep --preset headline    # the full comparison (about 2 h on 2 CPU cores)
+    python -m simulations.sweep --preset quick --out results/quick   # seconds; used by the tests
+
+Presets are :data:`PRESETS`; any field can be overridden on the command line
+(``--methods osd,truncsvd --ranks 1,2 --seeds 0 --rounds 5``), and task
+settings with ``--task key=value`` (fields of
+:class:`~simulations.text_task.TextTaskConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from osd_fl import CompressionConfig
+from simulations.text_fl import RoundRow, run_text_fl
+from simulations.text_task import TextTaskConfig
+
+__all__ = ["METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
+
+#: Sweep method name -> CompressionConfig fields. Methods without ``rank`` dependence run once per seed.
+METHOD_SPECS: dict[str, dict[str, Any]] = {
+    "dense": {"method": "dense"},
+    "fp16": {"method": "fp16"},
+    "int8": {"method": "int8"},
+    "topk": {"method": "topk"},
+    "topk+ef": {"method": "topk", "error_feedback": True},
+    "truncsvd": {"method": "truncsvd"},
+    "magtruncsvd": {"method": "magtruncsvd"},
+    "powersgd+ef": {"method": "powersgd", "error_feedback": True},
+    "osd": {"method": "osd"},
+    "osd+ef": {"method": "osd", "error_feedback": True},
+    "osd-fixed-c": {"method": "osd", "adaptive": False},
+    "osd-grad": {"method": "osd", "importance": "grad"},
+    "osd-taylor": {"method": "osd", "importance": "taylor"},
+    "osd-fisher": {"method": "osd", "importance": "fisher"},
+    "osd-adam": {"method": "osd", "importance": "adam"},
+    "osd-ones": {"method": "osd", "importance": "ones"},
+}
+RANK_FREE = {"dense", "fp16", "int8"}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep: which methods, budgets, seeds, and the federated task they run on."""
+
+    name: str = field(default="demo", metadata={"help": "Preset/sweep name (results go to results/<name>)."})
+    methods: tuple[str, ...] = field(default=("dense", "truncsvd", "magtruncsvd", "osd"))
+    ranks: tuple[int, ...] = field(default=(1,))
+    seeds: tuple[int, ...] = field(default=(0,))
+    rounds: int = field(default=8, metadata={"help": "Federated rounds per run."})
+    fraction_train: float = field(default=1.0, metadata={"help": "Share of clients per round."})
+    server_lr: float = field(default=1.0, metadata={"help": "Server learning rate."})
+    relax: int = field(default=3, metadata={"help": "OSD/MagTruncSVD rank relaxation c (adaptive: max c)."})
+    value_dtype: str = field(default="float32", metadata={"help": "Value precision for every method."})
+    task: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "TextTaskConfig overrides."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)."})
+
+
+PRESETS: dict[str, SweepConfig] = {
+    "quick": SweepConfig(
+        name="quick",
+        methods=("dense", "truncsvd", "osd"),
+        rounds=2,
+        task={"num_clients": 2, "max_examples": 400, "test_size": 100, "local_steps": 2, "cache_dir": ""},
+    ),
+    "demo": SweepConfig(
+        name="demo",
+        methods=("dense", "truncsvd", "magtruncsvd", "osd"),
+        ranks=(1,),
+        rounds=8,
+        task={"num_clients": 4, "max_examples": 4000, "test_size": 1000, "local_steps": 10},
+    ),
+    "headline": SweepConfig(
+        name="headline",
+        methods=tuple(m for m in METHOD_SPECS if m != "osd"),
+        ranks=(1, 2, 4, 8),
+        seeds=(0, 1),
+        rounds=20,
+        task={"num_clients": 8, "local_steps": 10},
+    ),
+}
+
+
+def run_id(method: str, rank: int, seed: int) -> str:
+    """File-safe id of one run."""
+    return f"{method.replace('+', 'P')}_r{rank}_s{seed}"
+
+
+def plan(cfg: SweepConfig) -> list[tuple[str, int, int]]:
+    """Every ``(method, rank, seed)`` of the sweep; rank-free methods get rank 0."""
+    runs: list[tuple[str, int, int]] = []
+    for method in cfg.methods:
+        if method not in METHOD_SPECS:
+            raise SystemExit(f"unknown sweep method {method!r}; known: {', '.join(METHOD_SPECS)}")
+        for seed in cfg.seeds:
+            for rank in (0,) if method in RANK_FREE else cfg.ranks:
+                runs.append((method, rank, seed))
+    return runs
+
+
+def compression_for(cfg: SweepConfig, method: str, rank: int, seed: int) -> CompressionConfig:
+    """The CompressionConfig of one run."""
+    spec = dict(METHOD_SPECS[method])
+    return CompressionConfig(rank=max(rank, 1), relax=cfg.relax, value_dtype=cfg.value_dtype, seed=seed).replace(**spec)  # type: ignore[arg-type]
+
+
+ROUND_FIELDS = [
+    "run",
+    "method",
+    "rank",
+    "seed",
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "compress_s",
+    "round_s",
+]
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
+    """Run every missing run of ``cfg`` into ``out/runs``; return all round rows."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task_base = TextTaskConfig().replace(**dict(cfg.task))
+    runs = plan(cfg)
+    todo = [r for r in runs if not (out / "runs" / f"{run_id(*r)}.csv").exists()]
+    print(f"sweep {cfg.name!r}: {len(runs)} runs, {len(runs) - len(todo)} already done, results in {out}")
+    bar = tqdm(total=len(todo) * (cfg.rounds + 1), unit="round", dynamic_ncols=True, disable=None)
+    for method, rank, seed in todo:
+        rid = run_id(method, rank, seed)
+        bar.set_description(rid)
+        task_cfg = task_base.replace(seed=seed)
+        compression = compression_for(cfg, method, rank, seed)
+        start = time.perf_counter()
+        rows = run_text_fl(
+            task_cfg,
+            compression,
+            cfg.rounds,
+            fraction_train=cfg.fraction_train,
+            server_lr=cfg.server_lr,
+            on_round=functools.partial(_progress, bar),
+        )
+        records = [{"run": rid, "method": method, "rank": rank, "seed": seed, **_plain(row)} for row in rows]
+        _write_rows(out / "runs" / f"{rid}.csv", records, ROUND_FIELDS)
+        tqdm.write(
+            f"{rid}: final acc {rows[-1].test_accuracy:.4f}, uplink {rows[-1].cum_bytes_up:,} B, "
+            f"{time.perf_counter() - start:.0f} s"
+        )
+    bar.close()
+    all_rows: list[dict[str, Any]] = []
+    for method, rank, seed in runs:
+        all_rows += _read_rows(out / "runs" / f"{run_id(method, rank, seed)}.csv")
+    _write_rows(out / "rounds.csv", all_rows, ROUND_FIELDS)
+    return all_rows
+
+
+def _progress(bar: tqdm[Any], row: RoundRow) -> None:
+    bar.update(1)
+    bar.set_postfix(acc=f"{row.test_accuracy:.3f}")
+
+
+def _plain(row: RoundRow) -> dict[str, Any]:
+    d = dataclasses.asdict(row)
+    d.pop("extra", None)
+    return d
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Final accuracy (mean, std over seeds), bytes and their share of dense, per method and rank."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    last_round = max(int(r["round"]) for r in rows)
+    for r in rows:
+        if int(r["round"]) == last_round:
+            groups.setdefault((str(r["method"]), int(r["rank"])), []).append(r)
+    dense = groups.get(("dense", 0))
+    dense_up = statistics.mean(float(r["cum_bytes_up"]) for r in dense) if dense else math.nan
+    dense_acc = statistics.mean(float(r["test_accuracy"]) for r in dense) if dense else math.nan
+    out: list[dict[str, Any]] = []
+    for (method, rank), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        accs = [float(r["test_accuracy"]) for r in rs]
+        up = statistics.mean(float(r["cum_bytes_up"]) for r in rs)
+        out.append(
+            {
+                "method": method,
+                "rank": rank,
+                "seeds": len(rs),
+                "final_accuracy": statistics.mean(accs),
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "vs_dense_points": 100 * (statistics.mean(accs) - dense_acc),
+                "uplink_bytes": up,
+                "uplink_share_of_dense": up / dense_up if dense_up else math.nan,
+                "downlink_bytes": statistics.mean(float(r["cum_bytes_down"]) for r in rs),
+                "compress_s": statistics.mean(float(r["compress_s"]) for r in rs),
+            }
+        )
+    return out
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]], cfg: SweepConfig) -> str:
+    """The summary as a markdown table."""
+    lines = [
+        f"Sweep `{cfg.name}`: {cfg.rounds} rounds, seeds {list(cfg.seeds)}, task {dict(cfg.task)}",
+        "",
+        "| method | rank | seeds | final acc. (%) | ± std | vs dense (pts) | uplink bytes | share of dense "
+        "| compress s/client |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['method']} | {s['rank'] or '-'} | {s['seeds']} | {100 * s['final_accuracy']:.2f} | "
+            f"{100 * s['accuracy_std']:.2f} | {s['vs_dense_points']:+.2f} | {s['uplink_bytes']:,.0f} | "
+            f"{100 * s['uplink_share_of_dense']:.3f}% | {s['compress_s']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+    """Accuracy vs cumulative uplink bytes, final accuracy vs budget, accuracy vs round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({str(r["method"]) for r in rows})
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    curves: dict[tuple[str, int], dict[int, list[tuple[float, float]]]] = {}
+    for r in rows:
+        key = (str(r["method"]), int(r["rank"]))
+        curves.setdefault(key, {}).setdefault(int(r["round"]), []).append(
+            (float(r["cum_bytes_up"]), float(r["test_accuracy"]))
+        )
+    paths: list[Path] = []
+    ranks = sorted({k[1] for k in curves if k[1] > 0}) or [0]
+    markers = dict(zip(ranks, "os^Dvx*"))
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (method, rank), by_round in sorted(curves.items()):
+        pts = [
+            (statistics.mean(b for b, _ in v), statistics.mean(a for _, a in v)) for _, v in sorted(by_round.items())
+        ]
+        pts = [p for p in pts if p[0] > 0]
+        if not pts:
+            continue
+        label = method if rank == 0 else f"{method} r={rank}"
+        ax.plot(*zip(*pts), marker=markers.get(rank, "."), ms=3, lw=1.2, color=colors[method], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes (Flower messages, all clients)")
+    ax.set_ylabel("central test accuracy")
+    ax.set_title("Accuracy vs uplink bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        pts = sorted((s["uplink_bytes"], s["final_accuracy"]) for s in summary if s["method"] == method)
+        ax.plot(*zip(*pts), marker="o", color=colors[method], label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("total uplink bytes")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("Final accuracy vs budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "final_accuracy_vs_budget.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    low = min(ranks)
+    for (method, rank), by_round in sorted(curves.items()):
+        if rank not in (0, low):
+            continue
+        xs = sorted(by_round)
+        ax.plot(
+            xs,
+            [statistics.mean(a for _, a in by_round[x]) for x in xs],
+            marker=".",
+            color=colors[method],
+            label=method if rank == 0 else f"{method} r={rank}",
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("central test accuracy")
+    ax.set_title(f"Accuracy vs round (rank {low})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_round.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def _csv_list(text: str, cast: type) -> tuple[Any, ...]:
+    return tuple(cast(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
+    """CLI: a preset plus overrides."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    ap.add_argument("--out", default="", help="results folder (default results/<preset>)")
+    ap.add_argument("--methods", default="", help=f"comma list of {', '.join(METHOD_SPECS)}")
+    ap.add_argument("--ranks", default="")
+    ap.add_argument("--seeds", default="")
+    ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=-1)
+    ap.add_argument("--value-dtype", default="", choices=["", "float32", "float16"])
+    ap.add_argument("--task", action="append", default=[], metavar="KEY=VALUE", help="TextTaskConfig override")
+    args = ap.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    changes: dict[str, Any] = {}
+    if args.methods:
+        changes["methods"] = _csv_list(args.methods, str)
+    if args.ranks:
+        changes["ranks"] = _csv_list(args.ranks, int)
+    if args.seeds:
+        changes["seeds"] = _csv_list(args.seeds, int)
+    if args.rounds:
+        changes["rounds"] = args.rounds
+    if args.threads >= 0:
+        changes["threads"] = args.threads
+    if args.value_dtype:
+        changes["value_dtype"] = args.value_dtype
+    if args.task:
+        task = dict(cfg.task)
+        for item in args.task:
+            key, _, value = item.partition("=")
+            task[key.replace("-", "_")] = value
+        changes["task"] = task
+    cfg = dataclasses.replace(cfg, **changes)
+    out = Path(args.out or f"results/{cfg.name}")
+    return cfg, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a sweep, print the summary table, write CSV/markdown/plots."""
+    cfg, out = parse_args(argv)
+    start = time.perf_counter()
+    rows = run_sweep(cfg, out)
+    summary = summarize(rows)
+    _write_rows(out / "summary.csv", summary, list(summary[0]))
+    md = summary_markdown(summary, cfg)
+    (out / "summary.md").write_text(md)
+    paths = plot(rows, summary, out)
+    print()
+    print(md)
+    print(f"wrote {out / 'rounds.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}")
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"sweep took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Federated MiniLM on Rotten Tomatoes: the ClientApp and the server loop of the sweep.
+
+The client is a plain Flower ClientApp with ``mods=[osd_mod]`` and an
+:func:`~clients.attach_importance` call; the server is FedAvg wrapped in
+:class:`~strategies.OSDStrategy`. :func:`run_text_fl` runs them for a number
+of rounds, by default on :class:`~simulations.local_grid.LocalGrid` (every
+message serialized to protobuf and back, every byte metered as Flower
+sends it, clients one after another in this process so that the frozen
+activation cache is built once), or on any Flower ``Grid``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from clients import attach_importance, osd_mod
+from osd_fl import CompressionConfig
+from osd_fl.records import (
+    METRIC_BYTES_DOWN,
+    METRIC_BYTES_UP,
+    METRIC_COMPRESS_SECONDS,
+    record_to_tensors,
+    tensors_to_record,
+)
+from simulations.local_grid import LocalGrid
+from simulations.text_task import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
+from strategies import OSDStrategy
+
+__all__ = ["RoundRow", "get_task", "make_client_app", "run_text_fl"]
+
+_TASKS: dict[str, TextTask] = {}
+
+
+def get_task(config: TextTaskConfig) -> TextTask:
+    """One :class:`TextTask` per configuration and process (data, model and cache built once)."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _TASKS:
+        _TASKS[key] = TextTask(config)
+    return _TASKS[key]
+
+
+def _round(msg: Message) -> int:
+    for record in msg.content.config_records.values():
+        if "server-round" in record:
+            return int(record["server-round"])  # type: ignore[arg-type]
+    return 0
+
+
+def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
+    """The text task's ClientApp (settings from ``task_config`` or the run_config's ``task.*`` keys)."""
+    app = ClientApp(mods=[osd_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = task_config or TextTaskConfig.from_mapping(context.run_config, prefix="task.", strict=False)
+        task = get_task(cfg)
+        pid = int(context.node_config.get("partition-id", 0))
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            raise ValueError(f"expected one ArrayRecord (the global model), found {len(records)}")
+        model = task.new_model()
+        model.load_state_dict(record_to_tensors(records[0]))
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        train_loader, val_loader = task.client_loaders(pid, round_seed=_round(msg))
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
+        content = RecordDict(
+            {
+                "arrays": tensors_to_record(model.state_dict()),
+                "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
+            }
+        )
+        attach_importance(content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer)
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+@dataclass
+class RoundRow:
+    """What one round of one run measured."""
+
+    round: int
+    test_accuracy: float
+    test_loss: float
+    bytes_up: int
+    bytes_down: int
+    cum_bytes_up: int
+    cum_bytes_down: int
+    compress_s: float
+    round_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_text_fl(
+    task_config: TextTaskConfig,
+    compression: CompressionConfig,
+    num_rounds: int,
+    *,
+    grid: Grid | None = None,
+    fraction_train: float = 1.0,
+    server_lr: float = 1.0,
+    on_round: Callable[[RoundRow], None] | None = None,
+    quiet: bool = True,
+) -> list[RoundRow]:
+    """Run federated rounds of the text task; return one :class:`RoundRow` per round (0 = initial model).
+
+    Parameters
+    ----------
+    task_config
+        Task, data and local-training settings.
+    compression
+        Upload compression sent to every client.
+    num_rounds
+        Federated rounds.
+    grid
+        Default: an in-process :class:`LocalGrid` with ``task_config.num_clients`` nodes.
+    fraction_train
+        Share of clients sampled per round.
+    server_lr
+        Server learning rate applied to the averaged update.
+    on_round
+        Called with each row as soon as it is measured (progress bars).
+    quiet
+        Silence Flower's per-round INFO logs (warnings still show).
+    """
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    task = get_task(task_config)
+    grid = grid or LocalGrid(make_client_app(task_config), task_config.num_clients)
+    model = task.new_model()
+    test_loader = task.test_loader()
+    n = task_config.num_clients
+    inner = FedAvg(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=0,
+        min_available_nodes=n,
+    )
+    strategy = OSDStrategy(inner, config=compression, server_lr=server_lr)
+    rows: list[RoundRow] = []
+    clock = [time.perf_counter()]
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(record_to_tensors(arrays))
+        loss, acc = evaluate(model, test_loader)
+        traffic = strategy.meter.totals(server_round=server_round) if server_round else {}
+        up, down = int(traffic.get(METRIC_BYTES_UP, 0)), int(traffic.get(METRIC_BYTES_DOWN, 0))
+        prev = rows[-1] if rows else None
+        train_metrics = result_train.get(server_round)
+        now = time.perf_counter()
+        row = RoundRow(
+            round=server_round,
+            test_accuracy=acc,
+            test_loss=loss,
+            bytes_up=up,
+            bytes_down=down,
+            cum_bytes_up=(prev.cum_bytes_up if prev else 0) + up,
+            cum_bytes_down=(prev.cum_bytes_down if prev else 0) + down,
+            compress_s=float(train_metrics.get(METRIC_COMPRESS_SECONDS, 0.0)) if train_metrics else 0.0,
+            round_s=now - clock[0],
+        )
+        clock[0] = now
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+        return MetricRecord({"test-accuracy": acc, "test-loss": loss})
+
+    result_train: dict[int, dict[str, Any]] = {}
+    original = strategy.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Any) -> Any:
+        arrays, metrics = original(server_round, replies)
+        result_train[server_round] = dict(metrics.items()) if metrics is not None else {}
+        return arrays, metrics
+
+    strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
+    strategy.start(
+        grid=grid,
+        initial_arrays=tensors_to_record(model.state_dict()),
+        num_rounds=num_rounds,
+        train_config=ConfigRecord({}),
+        evaluate_fn=evaluate_fn,
+    )
+    return rows
