@@ -267,7 +267,8 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
     import matplotlib.pyplot as plt
 
     methods = sorted({str(r["method"]) for r in rows})
-    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     curves: dict[tuple[str, int], dict[int, list[tuple[float, float]]]] = {}
     for r in rows:
         key = (str(r["method"]), int(r["rank"]))
