@@ -26,6 +26,15 @@ train message the mod
 Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are not sent;
 the server keeps their global value.
 
+The error-feedback residual lives in ``context.state`` and is never trusted
+blindly. Lost (a restarted SuperNode): the client starts again from
+``e = 0``, exactly like a new client; the unsent part it held is gone.
+Stale (the client skipped rounds): it is added in full to the next update
+the client sends, however old. A residual whose shape no longer matches its
+tensor, or state that cannot be read or holds NaN/Inf, is dropped with a
+warning. The residual assumes the reply is delivered and accepted: if the
+server rejects it or it never arrives, that round's sent part is lost too.
+
 Messages other than ``train`` pass through untouched; so do train messages
 whose config has no ``osd.*`` key (a server that does not use
 :class:`~strategies.OSDStrategy` gets plain weights, with a warning). Any
@@ -39,6 +48,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -119,8 +129,24 @@ def _warn_once(context: Context, flag: str, text: str) -> None:
 
 
 def _load_numpy_state(context: Context, key: str) -> dict[str, Any]:
+    """Arrays kept under ``key`` in ``context.state``; ``{}`` if none or unreadable.
+
+    State that cannot be read (or holds NaN/Inf) is dropped with a warning
+    rather than failing this and every later round: the client goes on as
+    one whose state was lost (a restarted SuperNode).
+    """
     record = context.state.array_records.get(key)
-    return record_to_numpy(record) if record is not None else {}
+    if record is None:
+        return {}
+    try:
+        arrays = record_to_numpy(record)
+    except Exception as exc:  # e.g. an Array that is not a NumPy array
+        log.warning("osd_mod: cannot read %r from context.state (%s); starting from empty state", key, exc)
+        return {}
+    bad = sorted(k for k, v in arrays.items() if not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all())
+    if bad:
+        log.warning("osd_mod: dropping non-finite or non-float state %s under %r", bad, key)
+    return {k: v for k, v in arrays.items() if k not in bad}
 
 
 def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:

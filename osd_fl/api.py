@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from osd_fl.budget import matrix_budget
 from osd_fl.codec import TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
-from osd_fl.compressor import CompressorState, MatrixItem, dense_record, get_compressor
+from osd_fl.compressor import REGISTRY, CompressorState, MatrixItem, dense_record, get_compressor
 from osd_fl.config import CompressionConfig
 from osd_fl.errors import ConfigError
 from osd_fl.feedback import ErrorFeedback
@@ -27,10 +28,50 @@ _DTYPE_NAMES = {
 }
 
 
+_PLAIN = (str, int, float, bool, type(None))
+#: Resolved configs by :func:`_config_key`: building a CompressionConfig re-reads every
+#: field's type hints (tens of milliseconds), and a client resolves the same one each call.
+_RESOLVED: dict[tuple[Any, ...], CompressionConfig] = {}
+
+
+def _config_key(
+    config: CompressionConfig | None, method: str | None, rank: int | None, options: Mapping[str, Any]
+) -> tuple[Any, ...] | None:
+    """A key that determines :func:`resolve_config`'s outcome, or ``None`` if it cannot be cached.
+
+    Every value enters with its type, so ``True`` and ``1`` (equal and of
+    equal hash, but coerced differently) never share an entry; anything but
+    plain str/int/float/bool/None values is not cached.
+    """
+    parts: list[tuple[str, type, Any]] = []
+    if config is not None:
+        parts += [(f.name, type(v), v) for f in dataclasses.fields(config) for v in (getattr(config, f.name),)]
+    parts += [("\0method", type(method), method), ("\0rank", type(rank), rank)]
+    parts += [("\0opt." + k, type(v), v) for k, v in sorted(options.items())]
+    if not all(isinstance(v, _PLAIN) for _, _, v in parts):
+        return None
+    # the method's class supplies the overrides: a changed registry must not hit an old entry
+    return (config is None, tuple(REGISTRY.items()), *parts)
+
+
 def resolve_config(
     config: CompressionConfig | None = None, method: str | None = None, rank: int | None = None, **options: Any
 ) -> CompressionConfig:
     """Merge a base config, explicit ``method``/``rank`` and loose options; apply method overrides."""
+    key = _config_key(config, method, rank, options)
+    if key is not None and (hit := _RESOLVED.get(key)) is not None:
+        return hit
+    cfg = _resolve_config(config, method, rank, options)
+    if key is not None:
+        if len(_RESOLVED) >= 256:
+            _RESOLVED.clear()
+        _RESOLVED[key] = cfg
+    return cfg
+
+
+def _resolve_config(
+    config: CompressionConfig | None, method: str | None, rank: int | None, options: Mapping[str, Any]
+) -> CompressionConfig:
     cfg = config or CompressionConfig()
     changes: dict[str, Any] = dict(options)
     if method is not None:
@@ -75,6 +116,19 @@ def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfi
     return fixed + matrices
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())`` without a full-size boolean temporary.
+
+    ``aminmax`` propagates NaN and returns the infinities themselves, so both
+    ends are finite exactly when every entry is; one fused reduction instead
+    of an elementwise pass, an allocation and a second reduction.
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def _check_update(update: Mapping[str, torch.Tensor]) -> None:
     if not update:
         raise ConfigError("update is empty: pass a mapping of tensor names to tensors")
@@ -83,7 +137,7 @@ def _check_update(update: Mapping[str, torch.Tensor]) -> None:
             raise ConfigError(f"update[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
         if t.dtype not in _DTYPE_NAMES:
             raise ConfigError(f"update[{name!r}] has dtype {t.dtype}; floating tensors only ({list(_DTYPE_NAMES)})")
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ConfigError(f"update[{name!r}] has NaN or Inf values (did local training diverge?)")
 
 
@@ -96,8 +150,10 @@ def _importance_for(
     if tuple(z.shape) != shape:
         raise ConfigError(f"importance[{name!r}] has shape {tuple(z.shape)}, the update has {shape}")
     z32 = z.detach().to(mat.device, torch.float32).reshape(mat.shape)
-    if not bool(torch.isfinite(z32).all()) or bool((z32 < 0).any()):
-        raise ConfigError(f"importance[{name!r}] must be finite and non-negative")
+    if z32.numel():  # same test as ``not isfinite(z).all() or (z < 0).any()``, in one reduction
+        lo, hi = torch.aminmax(z32)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or bool(lo < 0):
+            raise ConfigError(f"importance[{name!r}] must be finite and non-negative")
     return z32
 
 

@@ -59,6 +59,8 @@ _CODE_VALUES = {v: k for k, v in _VALUE_CODES.items()}
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _MAX_NDIM = 8
 _MAX_NAME = 1024
+#: Smallest record: name length u16, dtype, kind and ndim u8 (empty name, scalar ZERO).
+_MIN_RECORD_BYTES = 5
 
 #: ``(shape, dtype)`` of a tensor the receiver expects; dtype as a torch dtype or name.
 TensorSpec = tuple[Sequence[int], "torch.dtype | str"]
@@ -85,18 +87,69 @@ def _pack_uint(values: npt.NDArray[np.int64], width: int) -> bytes:
     return np.packbits(bits, bitorder="little").tobytes()
 
 
-def _unpack_bits(buf: bytes, nbits: int, field: str) -> npt.NDArray[np.uint8]:
-    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
-    if bits[nbits:].any():
+#: Bytes of packed bits expanded at a time: keeps the transient memory of
+#: unpacking positions bounded whatever the payload size.
+_CHUNK_BYTES = 1 << 16
+
+
+def _check_padding(buf: bytes, nbits: int, field: str) -> None:
+    """Bits at index ``nbits`` and above (the padding of the last byte) must be zero."""
+    full, rem = divmod(nbits, 8)
+    tail = buf[full:]
+    if rem and tail:
+        if tail[0] >> rem:
+            raise PayloadError(f"{field}: padding bits after the last position are not zero")
+        tail = tail[1:]
+    if tail.count(0) != len(tail):
         raise PayloadError(f"{field}: padding bits after the last position are not zero")
-    return bits[:nbits]
+
+
+def _set_bits(buf: bytes, nbits: int, count: int, field: str, what: str) -> npt.NDArray[np.int64]:
+    """Indices of the set bits among the first ``nbits`` of ``buf``; there must be exactly ``count``.
+
+    The set bits are counted before any index is materialised, so a buffer
+    full of ones costs no more than the ``count`` positions it declares.
+    """
+    _check_padding(buf, nbits, field)
+    found = int.from_bytes(buf, "little").bit_count()
+    if found != count:
+        raise PayloadError(f"{field}: {what} has {found} set bits but count says {count}")
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    for start in range(0, len(buf), _CHUNK_BYTES):
+        bits = np.unpackbits(
+            np.frombuffer(buf, dtype=np.uint8, count=min(_CHUNK_BYTES, len(buf) - start), offset=start),
+            bitorder="little",
+        )
+        ones = np.flatnonzero(bits)
+        out[filled : filled + ones.size] = ones + start * 8
+        filled += ones.size
+    return out
 
 
 def _unpack_uint(buf: bytes, count: int, width: int, field: str) -> npt.NDArray[np.int64]:
+    """``count`` little-endian ``width``-bit unsigned integers packed back to back."""
     if count == 0 or width == 0:
         return np.zeros(count, dtype=np.int64)
-    bits = _unpack_bits(buf, count * width, field).reshape(count, width).astype(np.int64)
-    out: npt.NDArray[np.int64] = (bits << np.arange(width, dtype=np.int64)).sum(axis=1)
+    if width > 63:
+        raise PayloadError(f"{field}: {width}-bit integers do not fit in int64")
+    _check_padding(buf, count * width, field)
+    out = np.empty(count, dtype=np.int64)
+    # 8 values of `width` bits span exactly `width` bytes: chunks of a multiple
+    # of 8 values start on a byte boundary, so each chunk unpacks on its own.
+    step = 8 * max(1, _CHUNK_BYTES // width)
+    for first in range(0, count, step):
+        n = min(step, count - first)
+        lo = first * width // 8
+        hi = min(len(buf), (first * width + n * width + 7) // 8)
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=hi - lo, offset=lo), bitorder="little")
+        if bits.size < n * width:  # short buffer: read the missing bits as zero
+            bits = np.concatenate([bits, np.zeros(n * width - bits.size, dtype=np.uint8)])
+        rows = bits[: n * width].reshape(n, width)
+        packed = np.packbits(rows, axis=1, bitorder="little")
+        wide = np.zeros((n, 8), dtype=np.uint8)
+        wide[:, : packed.shape[1]] = packed
+        out[first : first + n] = wide.view("<u8").reshape(n).astype(np.int64)
     return out
 
 
@@ -126,11 +179,7 @@ def decode_positions(
 ) -> npt.NDArray[np.int64]:
     """Read ``count`` positions among ``slots``; check they are in range, sorted and unique."""
     if coding == Coding.BITMASK:
-        bits = _unpack_bits(buf, slots, field)
-        pos = np.flatnonzero(bits).astype(np.int64)
-        if pos.size != count:
-            raise PayloadError(f"{field}: bitmask has {pos.size} set bits but count says {count}")
-        return pos
+        return _set_bits(buf, slots, count, field, "bitmask")
     if coding == Coding.FIXED:
         pos = _unpack_uint(buf, count, index_width(slots), field)
     else:
@@ -138,9 +187,7 @@ def decode_positions(
         nlow = (count * low + 7) // 8
         lows = _unpack_uint(buf[:nlow], count, low, field)
         nbits = count + ((slots - 1) >> low) + 1
-        ones = np.flatnonzero(_unpack_bits(buf[nlow:], nbits, field)).astype(np.int64)
-        if ones.size != count:
-            raise PayloadError(f"{field}: Elias-Fano high part has {ones.size} entries but count says {count}")
+        ones = _set_bits(buf[nlow:], nbits, count, field, "Elias-Fano high part")
         pos = ((ones - np.arange(count, dtype=np.int64)) << low) | lows
     if count and (pos[0] < 0 or pos[-1] >= slots):
         raise PayloadError(f"{field}: position out of range [0, {slots})")
@@ -219,6 +266,10 @@ class _Reader:
         self.pos = 0
         self.end = end
 
+    @property
+    def remaining(self) -> int:
+        return self.end - self.pos
+
     def take(self, n: int, field: str) -> bytes:
         if n < 0 or self.pos + n > self.end:
             raise PayloadError(f"{field}: needs {n} bytes but only {self.end - self.pos} remain (truncated payload?)")
@@ -267,6 +318,14 @@ def _read_section(reader: _Reader, slots: int, value_dtype: str, field: str) -> 
     elif param != 0:
         raise PayloadError(f"{field}: parameter must be 0 for coding {coding.name}")
     nbytes = position_bytes(coding, count, slots, param)
+    value_bytes = count * (2 if value_dtype == "float16" else 4)
+    if nbytes + value_bytes > reader.remaining:
+        # Checked before any position is unpacked: a count the payload's bytes
+        # cannot back is refused without allocating anything for it.
+        raise PayloadError(
+            f"{field}: count {count} needs {nbytes} position bytes and {value_bytes} value bytes "
+            f"but only {reader.remaining} remain (truncated payload?)"
+        )
     buf = reader.take(nbytes, f"{field} positions")
     positions = decode_positions(coding, param, buf, count, slots, f"{field} positions")
     values = _read_values(reader, count, value_dtype, field)
@@ -279,6 +338,7 @@ def decode(
     expected: Mapping[str, TensorSpec] | None = None,
     max_bytes: int | None = None,
     max_elements: int = 2**31,
+    method: str | None = None,
 ) -> Payload:
     """Parse and validate a payload without rebuilding any tensor.
 
@@ -291,9 +351,14 @@ def decode(
         given, the payload must hold exactly these names with these shapes and
         dtypes; each record is checked against it before its data is read.
     max_bytes
-        Reject payloads larger than this before parsing.
+        Reject payloads larger than this before parsing (before copying them).
     max_elements
-        Without ``expected``: the most entries a single tensor may claim.
+        Without ``expected``: the most entries the payload's tensors may claim
+        in total (so also each one), checked on each record's shape before
+        its data is read. It bounds what :func:`reconstruct` allocates.
+    method
+        If given, the method named in the header must be exactly this
+        (checked before any record is read).
 
     Raises
     ------
@@ -301,15 +366,16 @@ def decode(
         On anything malformed; the message names the field.
 
     """
+    size = memoryview(blob).nbytes
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadError(f"payload: {size} bytes exceeds the maximum of {max_bytes}")
+    if size < header_bytes(""):
+        raise PayloadError(f"payload: {size} bytes is shorter than the smallest valid payload")
     data = bytes(blob)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise PayloadError(f"payload: {len(data)} bytes exceeds the maximum of {max_bytes}")
-    if len(data) < header_bytes(""):
-        raise PayloadError(f"payload: {len(data)} bytes is shorter than the smallest valid payload")
     if data[:4] != MAGIC:
         raise PayloadError(f"magic: expected {MAGIC!r}, got {data[:4]!r} (not an osd-fl payload)")
     (crc,) = struct.unpack("<I", data[-4:])
-    if zlib.crc32(data[:-4]) != crc:
+    if zlib.crc32(memoryview(data)[:-4]) != crc:  # a view: no second copy of the payload
         raise PayloadError("checksum: CRC-32 mismatch (payload corrupted or truncated)")
     reader = _Reader(data, len(data) - 4)
     reader.take(4, "magic")
@@ -319,22 +385,27 @@ def decode(
     if vcode not in _CODE_VALUES:
         raise PayloadError(f"value dtype: unknown code {vcode}")
     value_dtype = _CODE_VALUES[vcode]
-    try:
-        method = reader.take(mlen, "method").decode("ascii")
-    except UnicodeDecodeError:
-        raise PayloadError("method: not ASCII") from None
+    raw_method = reader.take(mlen, "method")
+    if not all(0x20 <= c < 0x7F for c in raw_method):
+        raise PayloadError(f"method: {raw_method!r} is not printable ASCII")
+    name = raw_method.decode("ascii")
+    if method is not None and name != method:
+        raise PayloadError(f"method: payload is {name!r}, expected {method!r}")
     (nrec,) = reader.unpack("<I", "record count")
     if expected is not None and nrec != len(expected):
         raise PayloadError(f"record count: payload has {nrec} tensors, the model has {len(expected)}")
-    if nrec > (reader.end - reader.pos) // 8 + 1:
-        raise PayloadError(f"record count: {nrec} records cannot fit in {reader.end - reader.pos} bytes")
+    if nrec > reader.remaining // _MIN_RECORD_BYTES:
+        raise PayloadError(f"record count: {nrec} records cannot fit in {reader.remaining} bytes")
     records: list[TensorRecord] = []
     seen: set[str] = set()
+    claimed = 0
     for index in range(nrec):
-        records.append(_read_record(reader, index, value_dtype, expected, max_elements, seen))
+        rec = _read_record(reader, index, value_dtype, expected, (max_elements, claimed), seen)
+        claimed += rec.numel
+        records.append(rec)
     if reader.pos != reader.end:
         raise PayloadError(f"payload: {reader.end - reader.pos} unexpected bytes after the last record")
-    return Payload(method=method, value_dtype=value_dtype, records=records)
+    return Payload(method=name, value_dtype=value_dtype, records=records)
 
 
 def _read_record(
@@ -342,7 +413,7 @@ def _read_record(
     index: int,
     value_dtype: str,
     expected: Mapping[str, TensorSpec] | None,
-    max_elements: int,
+    limit: tuple[int, int],
     seen: set[str],
 ) -> TensorRecord:
     (nlen,) = reader.unpack("<H", f"record {index} name length")
@@ -376,8 +447,10 @@ def _read_record(
             raise PayloadError(f"{field}: shape {shape} does not match the model's {tuple(exp_shape)}")
         if _dtype_name(exp_dtype) != dtype:
             raise PayloadError(f"{field}: dtype {dtype} does not match the model's {_dtype_name(exp_dtype)}")
-    elif numel > max_elements:
-        raise PayloadError(f"{field}: {numel} elements exceeds the limit of {max_elements}")
+    elif numel > limit[0] - limit[1]:
+        raise PayloadError(
+            f"{field}: {numel} elements exceeds the limit of {limit[0]} ({limit[1]} already claimed by earlier tensors)"
+        )
     rec = TensorRecord(name=name, shape=shape, dtype=dtype, kind=kind)
     if kind == Kind.DENSE:
         rec.sections = [Section(slots=numel, values=_read_values(reader, numel, value_dtype, field))]
@@ -422,7 +495,14 @@ _TORCH_DTYPES = {
 
 
 def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
-    """Rebuild one tensor (float32 compute, then the record's dtype)."""
+    """Rebuild one tensor (float32 compute, then the record's dtype).
+
+    Raises
+    ------
+    PayloadError
+        If the rebuilt tensor holds NaN or Inf (e.g. a float16 tensor whose
+        bounded values overflow float16): what comes out is always finite.
+    """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if rec.kind == Kind.ZERO:
         out = torch.zeros(rec.shape, dtype=torch.float32, device=dev)
@@ -438,7 +518,12 @@ def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> 
         scales = np.repeat(rec.scales, rec.block)[: rec.numel]
         vals = rec.qvalues.astype(np.float32) * scales
         out = torch.from_numpy(vals).to(dev).reshape(rec.shape)
-    return out.to(_TORCH_DTYPES[rec.dtype])
+    out = out.to(_TORCH_DTYPES[rec.dtype])
+    if rec.kind != Kind.ZERO and not bool(torch.isfinite(out).all()):
+        # Every value was finite and bounded on decoding, but a product or the
+        # cast to a narrow dtype (float16 tops out at 65504) can still overflow.
+        raise PayloadError(f"tensor {rec.name!r}: rebuilds to NaN/Inf values in {rec.dtype} (out of its range)")
+    return out
 
 
 def iter_tensors(payload: Payload, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -76,6 +76,24 @@ def _masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
     return f * mask.reshape(f.shape)
 
 
+def _weighted_error_into(approx: torch.Tensor, mat: torch.Tensor, z: torch.Tensor | None) -> float:
+    """:func:`~osd_fl.compressor.weighted_error` computed in ``approx``'s storage (overwritten).
+
+    Bit for bit the same number: ``approx - mat`` is exactly ``-(mat - approx)``
+    in IEEE arithmetic, squaring drops the sign, and the sum reduces a tensor
+    of the same values in the same (contiguous) layout. It saves the n x d
+    temporary and its page faults, which cost more than the arithmetic on
+    CPU. Falls back to the allocating form for a non-contiguous ``mat``,
+    whose difference would take ``mat``'s layout and sum in another order.
+    """
+    if not (mat.is_contiguous() and approx.is_contiguous()):
+        return weighted_error(mat, approx, z)
+    diff = approx.sub_(mat).square_()
+    if z is not None:
+        diff.mul_(z)
+    return float(diff.sum())
+
+
 class SparseLowRank(Compressor):
     """Relaxed-rank SVD factors sparsified jointly by a score (OSD, MagTruncSVD)."""
 
@@ -117,6 +135,7 @@ class SparseLowRank(Compressor):
         cs = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
         u, s, vh = self._svd(item, r + max(cs))
         best: tuple[float, TensorRecord] | None = None
+        work: torch.Tensor | None = None  # one n x d buffer reused by every candidate's error
         for c in cs:
             k = min(r + c, int(s.numel()))
             a, b = split_factors(u, s, vh, k)
@@ -129,7 +148,8 @@ class SparseLowRank(Compressor):
                 approx_a, approx_b = _masked(a, pos_a), _masked(b, pos_b)
             if len(cs) == 1:
                 return rec
-            err = weighted_error(item.mat, approx_a @ approx_b, item.importance)
+            work = approx_a @ approx_b if work is None else torch.matmul(approx_a, approx_b, out=work)
+            err = _weighted_error_into(work, item.mat, item.importance)
             if best is None or err < best[0]:
                 best = (err, rec)
         assert best is not None

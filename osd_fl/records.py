@@ -51,10 +51,14 @@ __all__ = [
     "METRIC_FAILED",
     "METRIC_MESSAGES_DOWN",
     "METRIC_MESSAGES_UP",
+    "METRIC_NORM_MEDIAN",
+    "METRIC_NORM_THRESHOLD",
+    "METRIC_NO_REPLY",
     "METRIC_PAYLOAD_BYTES",
     "METRIC_PAYLOAD_BYTES_DOWN",
     "METRIC_PAYLOAD_BYTES_UP",
     "METRIC_REJECTED",
+    "METRIC_REJECTED_NORM",
     "METRIC_RESIDUAL_IN",
     "METRIC_RESIDUAL_OUT",
     "PAYLOAD_ARRAY_KEY",
@@ -134,7 +138,19 @@ METRIC_REJECTED: Final = "rejected"
 """Replies with content that failed validation (excluded, reason logged)."""
 
 METRIC_FAILED: Final = "failed"
-"""Replies that carried a Flower ``Error`` instead of content."""
+"""Sampled nodes whose reply carried a Flower ``Error`` instead of content, or never came."""
+
+METRIC_NO_REPLY: Final = "no-reply"
+"""Of ``failed``: sampled nodes that sent nothing before the timeout."""
+
+METRIC_REJECTED_NORM: Final = "rejected-norm"
+"""Of ``rejected``: updates outside the norm bound (only when a bound is set)."""
+
+METRIC_NORM_MEDIAN: Final = "update-norm-median"
+"""With a relative norm bound: median update norm of the round's valid replies."""
+
+METRIC_NORM_THRESHOLD: Final = "norm-threshold"
+"""With a relative norm bound: the round's threshold (factor x median)."""
 
 METRIC_BYTES_DOWN: Final = "bytes-down"
 """Serialized bytes of every message the server sent in the phase."""

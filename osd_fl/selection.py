@@ -31,6 +31,54 @@ def selection_bytes(counts: Sequence[int], slots: Sequence[int], value_bytes: in
     return sum(best_coding(c, m)[2] + c * value_bytes for c, m in zip(counts, slots, strict=True))
 
 
+def _greedy_fill(
+    fid: npt.NDArray[np.int64],
+    start: int,
+    end: int,
+    counts: list[int],
+    slots: Sequence[int],
+    value_bytes: int,
+    room: int,
+) -> list[int]:
+    """Scan ranks ``start..end-1`` in order and keep each entry whose extra bytes still fit ``room``.
+
+    The extra cost of the next entry of section ``f`` depends only on
+    ``counts[f]``, which changes only when an entry is kept. So instead of
+    testing every rank, jump straight to the next rank whose section can
+    still afford one entry; stop when none can. Keeps exactly the entries a
+    rank-by-rank scan keeps. ``counts`` is updated in place.
+    """
+    keep: list[int] = []
+    if start >= end:
+        return keep
+    nf = len(counts)
+    pos_now = [best_coding(counts[f], slots[f])[2] for f in range(nf)]
+
+    def extra_of(f: int) -> int:
+        return best_coding(counts[f] + 1, slots[f])[2] - pos_now[f] + value_bytes
+
+    extra = [extra_of(f) for f in range(nf)]
+    scan = fid[start:end]
+    j = start
+    while j < end:
+        fits = [f for f in range(nf) if extra[f] <= room]
+        if not fits:
+            break
+        if len(fits) < nf:
+            hits = np.flatnonzero(np.isin(scan[j - start :], fits))
+            if hits.size == 0:
+                break
+            j += int(hits[0])
+        f = int(fid[j])
+        counts[f] += 1
+        room -= extra[f]
+        pos_now[f] += extra[f] - value_bytes
+        extra[f] = extra_of(f)
+        keep.append(j)
+        j += 1
+    return keep
+
+
 def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> list[npt.NDArray[np.int64]]:
     """Pick entries of several sections jointly, best score first, within ``budget`` bytes.
 
@@ -81,18 +129,12 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
             lo = mid
         else:
             hi = mid - 1
-    keep = list(range(lo))
     counts = [int(c) for c in np.bincount(fid[:lo], minlength=nf)]
     spent = selection_bytes(counts, slots, value_bytes)
-    for j in range(lo, min(len(order_np), lo + GREEDY_SCAN)):
-        f = int(fid[j])
-        extra = best_coding(counts[f] + 1, slots[f])[2] - best_coding(counts[f], slots[f])[2] + value_bytes
-        if spent + extra <= budget:
-            counts[f] += 1
-            spent += extra
-            keep.append(j)
-    chosen = order_np[np.asarray(keep, dtype=np.int64)] if keep else np.zeros(0, dtype=np.int64)
-    chosen_fid = fid[np.asarray(keep, dtype=np.int64)] if keep else np.zeros(0, dtype=np.int64)
+    extra_keep = _greedy_fill(fid, lo, min(len(order_np), lo + GREEDY_SCAN), counts, slots, value_bytes, budget - spent)
+    keep = np.concatenate([np.arange(lo, dtype=np.int64), np.asarray(extra_keep, dtype=np.int64)])
+    chosen = order_np[keep]
+    chosen_fid = fid[keep]
     out: list[npt.NDArray[np.int64]] = []
     for f in range(nf):
         local = chosen[chosen_fid == f] - offsets[f]

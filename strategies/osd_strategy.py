@@ -13,8 +13,10 @@ and pairs with :func:`clients.osd_mod` on the ClientApp. Per round it
 2. checks each reply against the global model it was sent (from a node
    sampled this round, one reply per node, payload framing,
    ``num-examples``, size limit, format version, method, tensor names,
-   shapes and dtypes, finite values), rejecting a bad reply with its reason
-   logged and counted instead of failing the round;
+   shapes and dtypes, positions, finite values, and optionally the norm of
+   the decoded update), rejecting a bad reply with its reason logged and
+   counted instead of failing the round; a sampled node that sent nothing
+   (timeout) and an error reply count as ``failed``;
 3. decodes accepted replies one at a time into a weighted running sum (memory
    O(model) however many clients answer) and forms
    ``W + server_lr * sum_i(n_i * dW_i) / sum_i(n_i)``;
@@ -37,6 +39,7 @@ import csv
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -69,7 +72,11 @@ from osd_fl.compressor import get_compressor
 from osd_fl.records import (
     METRIC_ACCEPTED,
     METRIC_FAILED,
+    METRIC_NO_REPLY,
+    METRIC_NORM_MEDIAN,
+    METRIC_NORM_THRESHOLD,
     METRIC_REJECTED,
+    METRIC_REJECTED_NORM,
     PAYLOAD_RECORD_KEY,
     WEIGHT_KEY,
     config_to_record,
@@ -88,6 +95,13 @@ log = logging.getLogger("flwr.osd.strategy")
 #: Slack for framing when a method has no byte budget (dense, fp16, int8).
 _UNBUDGETED_SLACK = 64 * 1024
 
+#: Largest accepted ``num-examples``: every integer up to it is exact in float64,
+#: and weight times the largest decodable value stays far from overflow.
+MAX_WEIGHT = float(2**53)
+
+#: Characters of a client-supplied reason (error text, tensor names) kept in logs.
+_REASON_CHARS = 500
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -97,7 +111,11 @@ class Rejection:
     node_id: int
     reason: str
     failed: bool = False
-    """True for a reply that carried a Flower ``Error`` (counted as ``failed``)."""
+    """True for a reply that carried a Flower ``Error`` or never came (counted as ``failed``)."""
+    kind: str = "invalid"
+    """``invalid`` (failed validation), ``norm`` (outside the norm bound),
+    ``unsolicited`` (unsampled node or second reply), ``error`` (Flower error
+    reply) or ``no-reply`` (sampled, nothing received before the timeout)."""
 
 
 class _Rejected(Exception):
@@ -133,9 +151,45 @@ class OSDStrategy(Strategy):
         If set, write ``traffic.csv`` (per round, phase, node, direction) and
         ``rounds.csv`` (this strategy's per-round metrics) there after every
         aggregation.
+    norm_bound
+        If set, reject a reply whose decoded update ``dW`` (all floating
+        tensors together) has an L2 norm above this. Off by default.
+    norm_bound_relative
+        If set, reject a reply whose update norm is above this factor times
+        the median norm of the round's replies that passed every other check
+        (the absolute bound included). Must be >= 1. Off by default. It costs
+        a second decode of each reply (norms first, then the sum), never more
+        memory: see Notes.
+    min_accepted
+        Fewest accepted replies for the round to change the model; with fewer,
+        the global model is left unchanged (the run goes on). Default 1, as
+        FedAvg aggregates any non-empty set of valid replies. Sampling (how
+        many nodes, waiting for ``min_available_nodes``) is always the inner
+        strategy's.
 
     Notes
     -----
+    Validation and faults: a reply that fails validation (counted
+    ``rejected``), carries a Flower error or never arrives (``failed``;
+    ``no-reply`` counts the latter) is left out, its reason logged and kept
+    in :attr:`rejections` (missing replies in :attr:`missing`); the round is
+    the weighted average of the others, exactly as if the bad ones had never
+    replied. If none is accepted the global model is unchanged. See
+    ``docs/security.md``.
+
+    Norm bounds: the norm is the L2 norm of the decoded update over every
+    floating tensor, computed in float64. With only ``norm_bound`` each reply
+    is decoded once, as without a bound. ``norm_bound_relative`` needs the
+    round's median before any update can be added, and the strategy keeps one
+    running sum, never every decoded update; so it decodes each reply twice:
+    a first pass keeps only the norm (a float per reply), a second pass
+    decodes the replies within the bound again into the sum. Memory stays
+    O(model) plus O(1) per reply; decode time roughly doubles. The median
+    is only a robust reference while most replies are honest; with two
+    replies it is their mean. Rejected outliers count as ``rejected`` and
+    ``rejected-norm``; the round's metrics carry ``update-norm-median`` and
+    ``norm-threshold``.
+
     Tuning: the compression knobs live in :class:`~osd_fl.config.CompressionConfig`
     (turn ``rank`` first, then ``value_dtype``, then ``relax``). The server
     side has one knob of its own, ``server_lr``: above 1 it extrapolates the
@@ -157,12 +211,24 @@ class OSDStrategy(Strategy):
         max_payload_bytes: int | None = None,
         meter: ByteMeter | None = None,
         csv_dir: str | os.PathLike[str] | None = None,
+        norm_bound: float | None = None,
+        norm_bound_relative: float | None = None,
+        min_accepted: int = 1,
     ) -> None:
         super().__init__()
         if not math.isfinite(server_lr) or server_lr <= 0:
             raise ConfigError(f"server_lr={server_lr} must be a positive finite number")
         if max_payload_bytes is not None and max_payload_bytes <= 0:
             raise ConfigError(f"max_payload_bytes={max_payload_bytes} must be positive")
+        if norm_bound is not None and not (math.isfinite(norm_bound) and norm_bound > 0):
+            raise ConfigError(f"norm_bound={norm_bound} must be a positive finite number (or None)")
+        if norm_bound_relative is not None and not (math.isfinite(norm_bound_relative) and norm_bound_relative >= 1):
+            raise ConfigError(f"norm_bound_relative={norm_bound_relative} must be a finite number >= 1 (or None)")
+        if min_accepted < 1:
+            raise ConfigError(f"min_accepted={min_accepted} must be >= 1")
+        self.norm_bound = None if norm_bound is None else float(norm_bound)
+        self.norm_bound_relative = None if norm_bound_relative is None else float(norm_bound_relative)
+        self.min_accepted = int(min_accepted)
         self.inner: Strategy = inner if inner is not None else FedAvg()
         self.config = config if config is not None else CompressionConfig()
         get_compressor(self.config)  # fail now on an unknown method, not in round 1
@@ -172,6 +238,9 @@ class OSDStrategy(Strategy):
         self.csv_dir = Path(csv_dir) if csv_dir is not None else None
         self.weighted_by_key: str = str(getattr(self.inner, "weighted_by_key", WEIGHT_KEY))
         self.rejections: list[Rejection] = []
+        """Replies received but not aggregated, with their reasons (every round)."""
+        self.missing: list[Rejection] = []
+        """Sampled nodes that sent no reply before the timeout (every round)."""
         self.history: list[dict[str, Any]] = []
         self._global: ArrayRecord | None = None
         self._global_round = -1
@@ -181,6 +250,11 @@ class OSDStrategy(Strategy):
         """Name the wrapper and what it wraps."""
         return f"OSDStrategy(inner={self.inner!r}, method={self.config.method!r}, rank={self.config.rank})"
 
+    @property
+    def bounds_norm(self) -> bool:
+        """Whether a norm bound (absolute or relative) is set."""
+        return self.norm_bound is not None or self.norm_bound_relative is not None
+
     # --- Strategy API ---------------------------------------------------------------
 
     def summary(self) -> None:
@@ -188,6 +262,9 @@ class OSDStrategy(Strategy):
         log.info("\t├──> OSD compression (uplink):")
         for name, value in self.config.to_dict().items():
             log.info("\t│\t├── %s: %s", name, value)
+        log.info("\t│\t├── norm_bound: %s", self.norm_bound)
+        log.info("\t│\t├── norm_bound_relative: %s", self.norm_bound_relative)
+        log.info("\t│\t├── min_accepted: %s", self.min_accepted)
         log.info("\t│\t└── server_lr: %s", self.server_lr)
         self.inner.summary()
 
@@ -242,16 +319,21 @@ class OSDStrategy(Strategy):
         Returns
         -------
         tuple
-            The new global model (``None`` when no reply was accepted, so the
-            global model stays as it was) and the round's metrics: the
-            clients' metrics averaged over accepted replies, ``accepted``,
-            ``rejected``, ``failed`` and the train phase's byte counts.
+            The new global model (``None`` when fewer than ``min_accepted``
+            replies were accepted, so the global model stays as it was) and
+            the round's metrics: the clients' metrics averaged over accepted
+            replies, ``accepted``, ``rejected``, ``failed`` (``no-reply``
+            and ``rejected-norm`` break these down), the norm statistics when
+            a bound is set, and the train phase's byte counts.
         """
-        counts = {METRIC_ACCEPTED: 0, METRIC_REJECTED: 0, METRIC_FAILED: 0}
+        counts = {METRIC_ACCEPTED: 0, METRIC_REJECTED: 0, METRIC_FAILED: 0, METRIC_NO_REPLY: 0}
+        if self.bounds_norm:
+            counts[METRIC_REJECTED_NORM] = 0
+        extra: dict[str, float] = {}
         arrays: ArrayRecord | None = None
         client_metrics: MetricRecord | None = None
         try:
-            arrays, client_metrics = self._aggregate(server_round, list(replies), counts)
+            arrays, client_metrics = self._aggregate(server_round, list(replies), counts, extra)
         except Exception:  # one bad round must not end the ServerApp
             log.exception("round %d: aggregation failed; the global model is left unchanged", server_round)
             arrays = None
@@ -261,6 +343,8 @@ class OSDStrategy(Strategy):
                 metrics[key] = value
         for key, count in counts.items():
             metrics[key] = count
+        for key, number in extra.items():
+            metrics[key] = number
         for key, total in self.meter.totals(server_round, MessageType.TRAIN).items():
             metrics[key] = total
         self._record_history(server_round, MessageType.TRAIN, metrics)
@@ -318,7 +402,11 @@ class OSDStrategy(Strategy):
         return 2 * total_dense_bytes(shapes, 4) + _UNBUDGETED_SLACK
 
     def _aggregate(
-        self, server_round: int, replies: list[Message], counts: dict[str, int]
+        self,
+        server_round: int,
+        replies: list[Message],
+        counts: dict[str, int],
+        extra: dict[str, float],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._global is None or self._global_round != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
@@ -330,6 +418,9 @@ class OSDStrategy(Strategy):
         acc: dict[str, torch.Tensor] = {n: torch.zeros(s, dtype=torch.float64) for n, (s, _) in specs.items()}
         total_weight = 0.0
         accepted: list[Message] = []
+        # Two passes only with a relative bound: (reply, weight, norm), no tensors.
+        pending: list[tuple[Message, float, float]] = []
+        two_pass = self.norm_bound_relative is not None
         t0 = time.perf_counter()
         answered: set[int] = set()
         for msg in replies:
@@ -337,38 +428,80 @@ class OSDStrategy(Strategy):
             if node not in self._sampled or node in answered:
                 counts[METRIC_REJECTED] += 1
                 why = "a second reply from this node" if node in answered else "node was not sampled this round"
-                self._reject(server_round, node, why)
+                self._reject(server_round, node, why, kind="unsolicited")
                 continue
             answered.add(node)
             if msg.has_error():
                 counts[METRIC_FAILED] += 1
                 reason = f"error reply (code {msg.error.code}): {msg.error.reason}"
-                self._reject(server_round, node, reason, failed=True)
+                self._reject(server_round, node, reason, failed=True, kind="error")
                 continue
-            try:
-                weight, update = self._decode_reply(msg, specs, limit)
-            except _Rejected as exc:
-                counts[METRIC_REJECTED] += 1
-                self._reject(server_round, node, str(exc))
+            decoded = self._checked_update(server_round, node, msg, specs, limit, counts)
+            if decoded is None:
+                continue
+            weight, update, norm = decoded
+            del decoded  # the tuple would keep this update alive into the next decode
+            if two_pass:
+                del update  # pass 1 keeps the norm only
+                pending.append((msg, weight, norm))
                 continue
             _accumulate(acc, update, weight)
-            del update  # one decoded update alive at a time: memory stays O(model)
+            del update  # one decoded update alive at a time: memory O(model)
             total_weight += weight
             accepted.append(msg)
-            counts[METRIC_ACCEPTED] += 1
+        if two_pass and pending:
+            assert self.norm_bound_relative is not None
+            median = statistics.median(norm for _, _, norm in pending)
+            threshold = self.norm_bound_relative * median
+            extra[METRIC_NORM_MEDIAN] = median
+            extra[METRIC_NORM_THRESHOLD] = threshold
+            for msg, weight, norm in pending:
+                node = int(msg.metadata.src_node_id)
+                if norm > threshold:
+                    counts[METRIC_REJECTED] += 1
+                    counts[METRIC_REJECTED_NORM] += 1
+                    reason = (
+                        f"update norm {norm:.6g} exceeds {self.norm_bound_relative:g} x the round's median "
+                        f"{median:.6g} = {threshold:.6g}"
+                    )
+                    self._reject(server_round, node, reason, kind="norm")
+                    continue
+                decoded = self._checked_update(server_round, node, msg, specs, limit, counts, check_norm=False)
+                if decoded is None:  # cannot happen (decoding is deterministic); never trust it blindly
+                    continue
+                weight, update, _ = decoded
+                del decoded
+                _accumulate(acc, update, weight)
+                del update
+                total_weight += weight
+                accepted.append(msg)
+        for node in sorted(self._sampled - answered):
+            counts[METRIC_FAILED] += 1
+            counts[METRIC_NO_REPLY] += 1
+            self._reject(server_round, node, "no reply before the timeout", failed=True, kind="no-reply")
+        counts[METRIC_ACCEPTED] = len(accepted)
         log.info(
-            "round %d: %d replies accepted, %d rejected, %d failed (decoded in %.3fs)",
+            "round %d: %d replies accepted, %d rejected, %d failed (%d without reply) (decoded in %.3fs)",
             server_round,
             counts[METRIC_ACCEPTED],
             counts[METRIC_REJECTED],
             counts[METRIC_FAILED],
+            counts[METRIC_NO_REPLY],
             time.perf_counter() - t0,
         )
         if not accepted:
             log.warning("round %d: no reply accepted; the global model is left unchanged", server_round)
             return None, None
-
         client_metrics = self._client_metrics(accepted)
+        if len(accepted) < self.min_accepted:
+            log.warning(
+                "round %d: %d replies accepted, fewer than min_accepted=%d; the global model is left unchanged",
+                server_round,
+                len(accepted),
+                self.min_accepted,
+            )
+            return None, client_metrics
+
         current = record_to_tensors(global_record)
         new: dict[str, torch.Tensor] = {}
         scale = self.server_lr / total_weight
@@ -379,6 +512,18 @@ class OSDStrategy(Strategy):
             else:
                 new[name] = tensor
         del acc, current
+        for name, tensor in new.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                # Every accepted update is finite, but their sum can still leave
+                # the model's dtype (float16 tops out at 65504): keep the model.
+                log.warning(
+                    "round %d: the new value of %r is not finite in %s; the global model is left unchanged "
+                    "(consider norm_bound)",
+                    server_round,
+                    name,
+                    tensor.dtype,
+                )
+                return None, client_metrics
         candidate = tensors_to_record(new)
         del new
 
@@ -400,6 +545,47 @@ class OSDStrategy(Strategy):
                 merged[key] = value
         return arrays, merged
 
+    def _checked_update(
+        self,
+        server_round: int,
+        node: int,
+        msg: Message,
+        specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        limit: int,
+        counts: dict[str, int],
+        *,
+        check_norm: bool = True,
+    ) -> tuple[float, dict[str, torch.Tensor], float] | None:
+        """Validate and decode one reply; on failure record why and return ``None``.
+
+        Returns ``(weight, update, norm)``; ``norm`` is NaN when no bound is set.
+        """
+        try:
+            weight, update = self._decode_reply(msg, specs, limit)
+        except _Rejected as exc:
+            counts[METRIC_REJECTED] += 1
+            self._reject(server_round, node, str(exc))
+            return None
+        except Exception as exc:  # a bug or resource error on hostile input: that reply's failure only
+            log.exception("round %d: unexpected error while validating the reply from node %d", server_round, node)
+            counts[METRIC_REJECTED] += 1
+            self._reject(server_round, node, f"validation raised {type(exc).__name__}: {exc}")
+            return None
+        norm = math.nan
+        if self.bounds_norm:
+            norm = _update_norm(update)
+            if not math.isfinite(norm):
+                counts[METRIC_REJECTED] += 1
+                self._reject(server_round, node, f"update norm is {norm}")
+                return None
+            if check_norm and self.norm_bound is not None and norm > self.norm_bound:
+                counts[METRIC_REJECTED] += 1
+                counts[METRIC_REJECTED_NORM] += 1
+                reason = f"update norm {norm:.6g} exceeds the bound {self.norm_bound:g}"
+                self._reject(server_round, node, reason, kind="norm")
+                return None
+        return weight, update, norm
+
     def _decode_reply(
         self,
         msg: Message,
@@ -419,16 +605,9 @@ class OSDStrategy(Strategy):
             raise _Rejected(f"unexpected ArrayRecords {extra} besides the payload")
         try:
             blob = record_to_payload(content.array_records[PAYLOAD_RECORD_KEY], max_bytes=limit)
-            payload = decode(blob, expected=specs, max_bytes=limit)
-            if payload.method != self.config.method:
-                raise PayloadError(
-                    f"method: payload is {payload.method!r}, the server asked for {self.config.method!r}"
-                )
-            update: dict[str, torch.Tensor] = {}
-            for name, tensor in iter_tensors(payload):
-                if not bool(torch.isfinite(tensor).all()):
-                    raise PayloadError(f"tensor {name!r}: NaN or Inf values")
-                update[name] = tensor
+            payload = decode(blob, expected=specs, max_bytes=limit, method=self.config.method)
+            # reconstruct() raises PayloadError on any NaN/Inf in what it rebuilds.
+            update: dict[str, torch.Tensor] = dict(iter_tensors(payload))
         except PayloadError as exc:
             raise _Rejected(f"invalid payload: {exc}") from None
         if set(update) != set(specs):
@@ -446,8 +625,16 @@ class OSDStrategy(Strategy):
             log.warning("client train metrics could not be aggregated; continuing without them", exc_info=True)
         return MetricRecord()
 
-    def _reject(self, server_round: int, node: int, reason: str, *, failed: bool = False) -> None:
-        self.rejections.append(Rejection(server_round, node, reason, failed))
+    def _reject(
+        self, server_round: int, node: int, reason: str, *, failed: bool = False, kind: str = "invalid"
+    ) -> None:
+        reason = _printable(reason)
+        entry = Rejection(server_round, node, reason, failed, kind)
+        if kind == "no-reply":
+            self.missing.append(entry)
+            log.warning("round %d: node %d sent no reply before the timeout", server_round, node)
+            return
+        self.rejections.append(entry)
         log.warning("round %d: reply from node %d excluded: %s", server_round, node, reason)
 
     # --- reporting --------------------------------------------------------------------
@@ -507,6 +694,21 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
     return str(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
+def _printable(text: str, limit: int = _REASON_CHARS) -> str:
+    """``text`` clipped to ``limit`` characters, control characters escaped (it may come from a client)."""
+    clipped = text[:limit]
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in clipped)
+    return out + (f"... [{len(text) - limit} more characters]" if len(text) > limit else "")
+
+
+def _update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors of ``update`` together, in float64."""
+    total = 0.0
+    for tensor in update.values():
+        total += float(tensor.to(torch.float64).square().sum())
+    return math.sqrt(total)
+
+
 def _accumulate(acc: dict[str, torch.Tensor], update: Mapping[str, torch.Tensor], weight: float) -> None:
     for name, delta in update.items():
         acc[name].add_(delta.to(torch.float64), alpha=weight)
@@ -521,9 +723,13 @@ def _reply_weight(content: RecordDict, key: str) -> float:
     value = records[0][key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Rejected(f"metric {key!r} must be a number, got {type(value).__name__}")
+    if isinstance(value, int) and value > MAX_WEIGHT:  # before float(): a huge int would overflow it
+        raise _Rejected(f"metric {key!r} = {value} exceeds the largest accepted weight 2**53")
     weight = float(value)
     if not math.isfinite(weight) or weight <= 0:
         raise _Rejected(f"metric {key!r} must be positive and finite, got {value!r}")
+    if weight > MAX_WEIGHT:
+        raise _Rejected(f"metric {key!r} = {value!r} exceeds the largest accepted weight 2**53")
     return weight
 
 

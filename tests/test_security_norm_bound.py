@@ -1,0 +1,153 @@
+"""The optional norm bound of OSDStrategy: absolute, relative to the round's median, off by default."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+import osd_fl.codec
+import strategies.osd_strategy as osd_strategy_module
+from osd_fl import ConfigError, compress, decompress
+from osd_fl.payload import Payload
+from strategies import OSDStrategy
+from tests.test_faults_strategy import CFG, assert_model, blob, configure, counts, delta, payload_reply, reference
+
+#: Replies 0..4 are ordinary updates; reply 5 is 40 times larger (a scaled, well-formed update).
+OUTLIER = compress({k: 40.0 * v for k, v in delta(5).items()}, config=CFG)
+BLOBS = [blob(i) for i in range(5)] + [OUTLIER]
+WEIGHTS = [10, 20, 30, 40, 50, 60]
+
+
+def norm(payload: bytes) -> float:
+    """Independent: the L2 norm of the decoded update over all tensors."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in decompress(payload).values()))
+
+
+NORMS = [norm(b) for b in BLOBS]
+
+
+def _round(strategy: OSDStrategy, which: list[int]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    msgs = configure(strategy, len(which))
+    replies = [payload_reply(m, BLOBS[i], WEIGHTS[i]) for m, i in zip(msgs, which, strict=True)]
+    return strategy.aggregate_train(1, replies)
+
+
+def test_off_by_default_a_large_well_formed_update_is_aggregated() -> None:
+    strategy = OSDStrategy(FedAvg(), config=CFG)
+    assert strategy.norm_bound is None and strategy.norm_bound_relative is None and not strategy.bounds_norm
+    arrays, metrics = _round(strategy, [0, 1, 5])
+    assert_model(arrays, reference([(BLOBS[i], WEIGHTS[i]) for i in (0, 1, 5)]))
+    assert counts(metrics) == (3, 0, 0, 0)
+    assert "rejected-norm" not in metrics  # type: ignore[operator]
+
+
+def test_absolute_bound_rejects_the_outlier_exactly_as_if_it_never_replied(caplog: pytest.LogCaptureFixture) -> None:
+    bound = 2 * max(NORMS[:5])
+    assert NORMS[5] > bound
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound=bound)
+    with caplog.at_level(logging.WARNING, logger="flwr.osd.strategy"):
+        arrays, metrics = _round(strategy, [0, 5, 1, 2])
+    assert_model(arrays, reference([(BLOBS[i], WEIGHTS[i]) for i in (0, 1, 2)]))
+    assert counts(metrics) == (3, 1, 0, 0)
+    assert metrics["rejected-norm"] == 1  # type: ignore[index]
+    (rejection,) = strategy.rejections
+    assert rejection.kind == "norm" and "exceeds the bound" in rejection.reason
+    assert f"{NORMS[5]:.6g}" in rejection.reason
+    assert any("exceeds the bound" in r.getMessage() for r in caplog.records)
+
+
+def test_absolute_bound_is_the_l2_norm_of_the_whole_decoded_update() -> None:
+    for bound, accepted in ((NORMS[0] * (1 + 1e-9), True), (NORMS[0] * (1 - 1e-6), False)):
+        inner = FedAvg(min_available_nodes=1, min_train_nodes=1)  # FedAvg's default waits for 2 nodes
+        strategy = OSDStrategy(inner, config=CFG, norm_bound=bound)
+        _, metrics = _round(strategy, [0])
+        assert counts(metrics)[0] == int(accepted)
+
+
+def test_relative_bound_rejects_outliers_against_the_round_median() -> None:
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
+    arrays, metrics = _round(strategy, [0, 1, 2, 5, 3, 4])
+    assert_model(arrays, reference([(BLOBS[i], WEIGHTS[i]) for i in range(5)]))
+    assert counts(metrics) == (5, 1, 0, 0)
+    median = sorted(NORMS)[2:4]
+    assert metrics["update-norm-median"] == pytest.approx(sum(median) / 2)  # type: ignore[index]
+    assert metrics["norm-threshold"] == pytest.approx(3.0 * sum(median) / 2)  # type: ignore[index]
+    (rejection,) = strategy.rejections
+    assert rejection.kind == "norm" and "median" in rejection.reason
+
+
+def test_relative_median_ignores_replies_that_failed_validation() -> None:
+    """The median is over valid replies only: garbage cannot move the threshold."""
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=2.0)
+    msgs = configure(strategy, 5)
+    replies = [
+        payload_reply(msgs[0], BLOBS[0], 10),
+        payload_reply(msgs[1], b"junk", 10),
+        payload_reply(msgs[2], BLOBS[1], 20),
+        payload_reply(msgs[3], BLOBS[2], 30),
+        payload_reply(msgs[4], OUTLIER, 60),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None
+    assert metrics["update-norm-median"] == pytest.approx(statistics.median([*NORMS[:3], NORMS[5]]))
+    assert_model(arrays, reference([(BLOBS[0], 10), (BLOBS[1], 20), (BLOBS[2], 30)]))
+    assert counts(metrics) == (3, 2, 0, 0)
+
+
+def test_absolute_then_relative() -> None:
+    """The absolute bound applies first; the median is over what passed it."""
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound=NORMS[5] / 2, norm_bound_relative=3.0)
+    arrays, metrics = _round(strategy, [0, 1, 2, 3, 4, 5])
+    assert counts(metrics) == (5, 1, 0, 0)
+    assert metrics["rejected-norm"] == 1  # type: ignore[index]
+    assert metrics["update-norm-median"] == pytest.approx(statistics.median(NORMS[:5]))  # type: ignore[index]
+    assert "exceeds the bound" in strategy.rejections[0].reason
+    assert_model(arrays, reference([(BLOBS[i], WEIGHTS[i]) for i in range(5)]))
+
+
+def test_relative_bound_decodes_twice_but_keeps_one_update_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented cost: two decodes per kept reply, memory still O(model)."""
+    alive: list[weakref.ref[torch.Tensor]] = []
+    leaked: list[int] = []
+    real = osd_fl.codec.iter_tensors
+
+    def tracking(payload: Payload) -> Iterator[tuple[str, torch.Tensor]]:
+        leaked.append(sum(ref() is not None for ref in alive))
+        for name, tensor in real(payload):
+            alive.append(weakref.ref(tensor))
+            yield name, tensor
+
+    monkeypatch.setattr(osd_strategy_module, "iter_tensors", tracking)
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
+    arrays, _ = _round(strategy, [0, 1, 2, 3, 4, 5])
+    assert arrays is not None
+    assert len(leaked) == 6 + 5  # pass 1: every reply; pass 2: the five within the bound
+    assert leaked == [0] * len(leaked)
+    leaked.clear()
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound=1e9)  # absolute only: a single pass
+    _round(strategy, [0, 1, 2])
+    assert leaked == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"norm_bound": 0.0},
+        {"norm_bound": -1.0},
+        {"norm_bound": float("inf")},
+        {"norm_bound": float("nan")},
+        {"norm_bound_relative": 0.5},
+        {"norm_bound_relative": float("nan")},
+    ],
+)
+def test_bounds_are_validated(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match="norm_bound"):
+        OSDStrategy(config=CFG, **kwargs)  # type: ignore[arg-type]
