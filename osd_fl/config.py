@@ -91,9 +91,10 @@ class CompressionConfig:
         metadata={"help": "Explicit byte budget of the whole payload (0 = derive it from rank)."},
     )
     importance: ImportanceForm = field(
-        default="grad",
+        default="ones",
         metadata={
-            "help": "Client side: importance map Z from local validation gradients (grad, taylor, fisher, ones, adam)."
+            "help": "Client side: importance map Z (ones = data-free, the measured default; grad, taylor, "
+            "fisher from local validation gradients; adam from the optimizer state). See docs/results.md."
         },
     )
     importance_batches: int = field(

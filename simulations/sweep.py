@@ -9,6 +9,7 @@ At the end the sweep writes ``rounds.csv`` (every round of every run),
 budget, mean and spread over seeds) and three plots.
 
     python -m simulations.sweep --preset demo        # the README's demo (minutes)
+    python -m simulations.sweep --preset medium      # 11 methods, r = 1 and 4, one seed (under an hour)
     python -m simulations.sweep --preset headline    # the full comparison (about 2 h on 2 CPU cores)
     python -m simulations.sweep --preset quick --out results/quick   # seconds; used by the tests
 
@@ -55,6 +56,7 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "powersgd+ef": {"method": "powersgd", "error_feedback": True},
     "osd": {"method": "osd"},
     "osd+ef": {"method": "osd", "error_feedback": True},
+    "osd-grad+ef": {"method": "osd", "importance": "grad", "error_feedback": True},
     "osd-fixed-c": {"method": "osd", "adaptive": False},
     "osd-grad": {"method": "osd", "importance": "grad"},
     "osd-taylor": {"method": "osd", "importance": "taylor"},
@@ -95,6 +97,26 @@ PRESETS: dict[str, SweepConfig] = {
         ranks=(1,),
         rounds=8,
         task={"num_clients": 4, "max_examples": 4000, "test_size": 1000, "local_steps": 10},
+    ),
+    "medium": SweepConfig(
+        name="medium",
+        methods=(
+            "dense",
+            "fp16",
+            "int8",
+            "topk+ef",
+            "truncsvd",
+            "magtruncsvd",
+            "powersgd+ef",
+            "osd-grad",
+            "osd-grad+ef",
+            "osd-ones",
+            "osd-fisher",
+        ),
+        ranks=(1, 4),
+        seeds=(0,),
+        rounds=12,
+        task={"num_clients": 8, "local_steps": 10},
     ),
     "headline": SweepConfig(
         name="headline",

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -71,7 +73,10 @@ def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
         model = task.new_model()
         model.load_state_dict(record_to_tensors(records[0]))
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        train_loader, val_loader = task.client_loaders(pid, round_seed=_round(msg))
+        server_round = _round(msg)
+        train_loader, val_loader = task.client_loaders(pid, round_seed=server_round)
+        # dropout draws from torch's global generator: seed it per (seed, client, round)
+        torch.manual_seed((cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**63))
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
         content = RecordDict(
@@ -136,6 +141,9 @@ def run_text_fl(
     """
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower's strategies sample nodes with Python's global `random`; seed it so that the sampled
+    # nodes and the order replies are summed in (hence every float) repeat with the seed.
+    random.seed(task_config.seed)
     task = get_task(task_config)
     grid = grid or LocalGrid(make_client_app(task_config), task_config.num_clients)
     model = task.new_model()

@@ -51,3 +51,18 @@ def test_quick_sweep_writes_results_and_resumes(tmp_path: Path, capsys: pytest.C
     assert main(["--preset", "quick", "--out", str(out)]) == 0
     assert "3 already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.csv")} == mtimes
+
+
+def test_same_seed_same_bytes_and_same_curve() -> None:
+    """Two runs of one configuration give identical bytes and accuracy, round by round."""
+    from osd_fl import CompressionConfig
+    from simulations.text_fl import run_text_fl
+    from simulations.text_task import TextTaskConfig
+
+    task = TextTaskConfig(num_clients=3, max_examples=300, test_size=60, local_steps=2, cache_dir="", seed=1)
+    comp = CompressionConfig(method="osd", rank=1, importance="grad", error_feedback=True)
+    first = run_text_fl(task, comp, 2)
+    second = run_text_fl(task, comp, 2)
+    assert [(r.test_accuracy, r.test_loss, r.bytes_up, r.bytes_down) for r in first] == [
+        (r.test_accuracy, r.test_loss, r.bytes_up, r.bytes_down) for r in second
+    ]
