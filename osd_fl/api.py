@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from osd_fl.budget import matrix_budget
-from osd_fl.codec import TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
+from osd_fl.codec import MAX_ELEMENTS, TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
 from osd_fl.compressor import REGISTRY, CompressorState, MatrixItem, dense_record, get_compressor
 from osd_fl.config import CompressionConfig
 from osd_fl.errors import ConfigError
@@ -258,6 +258,7 @@ def decompress(
     expected: Mapping[str, TensorSpec] | None = None,
     max_bytes: int | None = None,
     device: torch.device | str | None = None,
+    max_elements: int = MAX_ELEMENTS,
 ) -> dict[str, torch.Tensor]:
     """Validate and rebuild an update from a payload.
 
@@ -272,6 +273,9 @@ def decompress(
         Reject larger payloads without parsing them.
     device
         Where to build the tensors (default CPU).
+    max_elements
+        Without ``expected``: the most elements all tensors together may
+        claim (default 2**26), which bounds what is allocated.
 
     Raises
     ------
@@ -279,7 +283,7 @@ def decompress(
         Anything malformed, inconsistent or hostile; the message names the field.
 
     """
-    payload = decode(blob, expected=expected, max_bytes=max_bytes)
+    payload = decode(blob, expected=expected, max_bytes=max_bytes, max_elements=max_elements)
     return dict(iter_tensors(payload, device))
 
 

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 MAGIC = b"OSDF"
+#: Without a model to check against, the most elements a payload's tensors may claim in total
+#: (2**26: at most 512 MiB rebuilt as float64). Pass ``expected`` (what a server does) or a
+#: larger ``max_elements`` for bigger updates.
+MAX_ELEMENTS = 2**26
 FORMAT_VERSION = 1
 #: Largest magnitude a transmitted value may have. Keeps every product of two
 #: factors and every sum of up to 2**16 of them finite in float32.
@@ -337,7 +341,7 @@ def decode(
     *,
     expected: Mapping[str, TensorSpec] | None = None,
     max_bytes: int | None = None,
-    max_elements: int = 2**31,
+    max_elements: int = MAX_ELEMENTS,
     method: str | None = None,
 ) -> Payload:
     """Parse and validate a payload without rebuilding any tensor.

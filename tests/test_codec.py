@@ -211,3 +211,17 @@ def test_same_seed_same_bytes() -> None:
     upd = {"w": torch.randn(600, 300, generator=g)}
     for method in METHODS:
         assert compress(upd, method=method, rank=2, seed=7) == compress(upd, method=method, rank=2, seed=7)
+
+
+def test_zero_record_claiming_billions_of_elements_is_refused_without_a_model() -> None:
+    """A 50-byte payload must not make decompress() allocate gigabytes (found by the long fuzz run)."""
+    body = bytearray(b"OSDF" + bytes([1, 0, 3]) + b"osd" + struct.pack("<I", 1))
+    body += struct.pack("<H", 1) + b"z" + bytes([3, int(Kind.ZERO), 2]) + struct.pack("<II", 2**16, 2**15)
+    with pytest.raises(PayloadError, match="exceeds the limit"):
+        decompress(_with_crc(bytes(body)))
+    # an explicit, larger limit is the caller's choice
+    small = bytearray(b"OSDF" + bytes([1, 0, 3]) + b"osd" + struct.pack("<I", 1))
+    small += struct.pack("<H", 1) + b"z" + bytes([0, int(Kind.ZERO), 2]) + struct.pack("<II", 2**13, 2**14)
+    with pytest.raises(PayloadError):
+        decompress(_with_crc(bytes(small)))
+    assert decompress(_with_crc(bytes(small)), max_elements=2**27)["z"].shape == (2**13, 2**14)
