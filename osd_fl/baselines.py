@@ -124,13 +124,16 @@ class MagTruncSVD(SparseLowRank):
 
 
 def _sparse_record(item: MatrixItem, pos: np.ndarray) -> TensorRecord:
-    flat = to_numpy(item.mat)
+    # Gather the kept values where the matrix lives, then copy only those to the host
+    # (the same values as indexing a host copy of the whole matrix).
+    index = torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(item.mat.device)
+    values = to_numpy(item.mat.detach().reshape(-1)[index])
     return TensorRecord(
         name=item.name,
         shape=item.shape,
         dtype=item.dtype,
         kind=Kind.SPARSE,
-        sections=[Section(slots=flat.size, values=flat[pos], positions=pos)],
+        sections=[Section(slots=item.mat.numel(), values=values, positions=pos)],
     )
 
 

@@ -105,7 +105,9 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     max_count = min(total, budget // value_bytes)
     if max_count <= 0:
         return [np.zeros(0, dtype=np.int64) for _ in scores]
-    flat = torch.cat([s.reshape(-1).to(torch.float32) for s in scores])
+    parts = [s.reshape(-1).to(torch.float32) for s in scores]
+    # one section (top-k of a whole matrix) needs no concatenated copy: nan_to_num makes its own
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     if max_count >= total:
         order = torch.sort(flat, descending=True, stable=True).indices

@@ -16,9 +16,13 @@ How things are measured
   repeats are interleaved across methods (so a burst of load from another
   process hits every method alike) and the median is reported. On CUDA
   every timed region is bracketed by ``torch.cuda.synchronize()``.
-* Peak memory (CPU): each case runs in a fresh subprocess started with
-  ``MALLOC_MMAP_THRESHOLD_=131072``, so glibc returns every large buffer
-  to the kernel on free and the resident set follows live memory. Before
+* Peak memory (CPU): each case runs twice, in two fresh subprocesses.
+  Timings use glibc's default allocator (what users run: it recycles freed
+  heap memory, so few page faults); memory is measured in a process started
+  with ``MALLOC_MMAP_THRESHOLD_=131072``, so glibc returns every large
+  buffer to the kernel on free and the resident set follows live memory.
+  (The LLaMA case times and measures the same calls in that second setting;
+  its buffers are far over glibc's 32 MiB mmap ceiling anyway.) Before
   the measured call the peak resident set is reset (``echo 5 >
   /proc/self/clear_refs``) and afterwards ``VmHWM - VmRSS(before)`` from
   ``/proc/self/status`` is the peak *beyond* what was already resident
@@ -205,7 +209,8 @@ class PeakMemory:
 def run_child(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Run one case in a fresh interpreter (clean allocator, its own peak RSS); return its JSON result."""
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # fixed threshold: big buffers are mmapped and given back on free
+    if spec.get("phase", "memory") == "memory":  # see the module docstring
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -347,8 +352,8 @@ def llama_update(
 
 def _timed_importance(
     name: str, quick: bool, device: torch.device, repeats: int
-) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor], list[float], int]:
-    """Shapes of the update, its importance maps, the times to compute them and the peak memory."""
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor], list[float], Callable[[], int]]:
+    """Shapes of the update, its importance maps, the times to compute them and a peak-memory probe."""
     model = bert_model(name, quick).to(device)
     shapes = update_names(model)
     matrices = [n for n, s in shapes.items() if len(s) == 2]
@@ -358,15 +363,20 @@ def _timed_importance(
     for _ in range(repeats):
         t, _ = timed(partial(grad_importance, model, device, matrices, batches), device)
         times.append(t)
-    with PeakMemory(device) as mem:
-        imp = grad_importance(model, device, matrices, batches)
-    return shapes, imp, times, mem.peak
+    imp = grad_importance(model, device, matrices, batches)
+
+    def peak() -> int:
+        with PeakMemory(device) as mem:
+            grad_importance(model, device, matrices, batches)
+        return mem.peak
+
+    return shapes, imp, times, peak
 
 
 def child_update(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Benchmark 1 for a whole model update held in memory (MiniLM, BERT-base)."""
     device = resolve_device(spec["device"])
-    shapes, imp, imp_times, imp_peak = _timed_importance(
+    shapes, imp, imp_times, imp_peak_fn = _timed_importance(
         spec["model"], spec["quick"], device, spec["importance_repeats"]
     )
     matrices = [n for n, s in shapes.items() if len(s) == 2]
@@ -381,15 +391,20 @@ def child_update(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     for label in methods:  # warm-up
         call(label)
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(spec["repeats"]):
+    if spec["phase"] == "time":
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(spec["repeats"]):
+            for label in methods:
+                t, _ = timed(partial(call, label), device)
+                times[label].append(t)
+        results = {label: {"times": times[label]} for label in methods}
+        imp_peak = 0
+    else:
+        imp_peak = imp_peak_fn()
         for label in methods:
-            t, _ = timed(partial(call, label), device)
-            times[label].append(t)
-    for label in methods:
-        with PeakMemory(device) as mem:
-            blob = call(label)
-        results[label] = {"times": times[label], "peak": mem.peak, "bytes": len(blob)}
+            with PeakMemory(device) as mem:
+                blob = call(label)
+            results[label] = {"peak": mem.peak, "bytes": len(blob)}
     numel = sum(math.prod(s) for s in shapes.values())
     return {
         "model": spec["model"],
@@ -546,23 +561,18 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             replies.append(reply)
         del blobs, messages
-        gc.collect()
-        out["rss_before"] = rss_bytes()
-        with PeakMemory(torch.device("cpu")) as mem:
-            t0 = time.perf_counter()
+
+        def aggregate() -> int:
             new_arrays, metrics = strategy.aggregate_train(1, replies)
-            seconds = time.perf_counter() - t0
-        assert isinstance(new_arrays, ArrayRecord), "aggregation failed"
-        accepted = metrics.get("accepted", -1) if metrics is not None else -1
-        out["accepted"] = accepted if isinstance(accepted, int) else -1
+            assert isinstance(new_arrays, ArrayRecord), "aggregation failed"
+            accepted = metrics.get("accepted", -1) if metrics is not None else -1
+            return accepted if isinstance(accepted, int) else -1
     else:  # the decode + weighted-accumulate loop alone, float32 accumulators
         specs = {k: (tuple(v.shape), v.dtype) for k, v in global_model.items()}
         payloads = [bytes(bytearray(blobs[i % distinct])) for i in range(n_clients)]
         del blobs
-        gc.collect()
-        out["rss_before"] = rss_bytes()
-        with PeakMemory(torch.device("cpu")) as mem:
-            t0 = time.perf_counter()
+
+        def aggregate() -> int:
             acc = {k: torch.zeros(s) for k, s in shapes.items()}
             total = 0.0
             for i, blob in enumerate(payloads):
@@ -572,9 +582,19 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
                 total += weight
             for name, tensor in global_model.items():
                 tensor.add_(acc.pop(name), alpha=1.0 / total)
-            seconds = time.perf_counter() - t0
-        out["accepted"] = n_clients
-    out.update({"seconds": seconds, "peak": mem.peak, "load_end": load1()})
+            return int(n_clients)
+
+    gc.collect()
+    if spec["phase"] == "time":
+        t0 = time.perf_counter()
+        out["accepted"] = aggregate()
+        out["seconds"] = time.perf_counter() - t0
+    else:
+        out["rss_before"] = rss_bytes()
+        with PeakMemory(torch.device("cpu")) as mem:
+            out["accepted"] = aggregate()
+        out["peak"] = mem.peak
+    out["load_end"] = load1()
     return out
 
 
@@ -624,7 +644,11 @@ def section_client(args: argparse.Namespace) -> None:
             "seed": 0,
         }
         quiet = wait_quiet(name)
-        res = run_child(spec)
+        res = run_child({**spec, "phase": "time"})
+        mem = run_child({**spec, "phase": "memory", "importance_repeats": 0})
+        for label, r in mem["methods"].items():
+            res["methods"][label].update(r)
+        res["importance_peak"] = mem["importance_peak"]
         imp = statistics.median(res["importance_times"])
         base = statistics.median(res["methods"]["truncsvd"]["times"])
         print(
@@ -685,8 +709,14 @@ def section_client(args: argparse.Namespace) -> None:
             [label, f"{r['time']:.1f}", f"{r['time'] / base:.2f}", medians, f"{r['bytes']:,}", fmt_mb(r["peak"])]
         )
     print_table(
-        ["method", "total compress s", "x TruncSVD", "median s per matrix by shape", "payload bytes",
-         "peak MB beyond inputs"],
+        [
+            "method",
+            "total compress s",
+            "x TruncSVD",
+            "median s per matrix by shape",
+            "payload bytes",
+            "peak MB beyond inputs",
+        ],
         rows,
     )
     print(f"(one pass over all matrices; {quiet}; load at end {res['load_end']:.2f})")
@@ -729,9 +759,9 @@ def entropy_bits(count: int, slots: int) -> float:
     return (math.lgamma(slots + 1) - math.lgamma(count + 1) - math.lgamma(slots - count + 1)) / math.log(2)
 
 
-def codec_stats(blob: bytes, value_bits: int) -> dict[str, float]:
+def codec_stats(blob: bytes, value_bits: int, specs: Mapping[str, Any]) -> dict[str, float]:
     """Our bytes of the compressed matrices versus the paper's formula and the entropy bound."""
-    payload = decode(blob)
+    payload = decode(blob, expected=specs)
     vb = value_bits // 8
     ours = paper = bound = 0.0
     kept = sparse_recs = dense_recs = 0
@@ -804,7 +834,7 @@ def section_codec(args: argparse.Namespace) -> None:
             for label, opts, vbits in variants:
                 z = imp if opts["method"] == "osd" else None
                 blob = compress(update, rank=rank, importance=z, **opts)
-                st = codec_stats(blob, vbits)
+                st = codec_stats(blob, vbits, specs)
                 budget = payload_budget(shapes, rank=rank, **opts)
                 rows.append(
                     [
@@ -829,11 +859,17 @@ def section_codec(args: argparse.Namespace) -> None:
                 reply = Message(_reply_content(blob), reply_to=msg)
                 size = message_to_proto(reply).ByteSize()
                 frame_rows.append(
-                    [MODEL_LABELS[model], str(rank), f"{len(blob):,}", f"{size:,}", f"{size - len(blob):,}",
-                     f"{100 * (size - len(blob)) / size:.3f}%"]
+                    [
+                        MODEL_LABELS[model],
+                        str(rank),
+                        f"{len(blob):,}",
+                        f"{size:,}",
+                        f"{size - len(blob):,}",
+                        f"{100 * (size - len(blob)) / size:.3f}%",
+                    ]
                 )
                 # encode / decode / rebuild speed (median of repeats)
-                payload = decode(blob)
+                payload = decode(blob, expected=specs)
                 reps = max(3, args.repeats)
                 t_enc = statistics.median(_repeat(partial(encode, payload), reps))
                 t_dec = statistics.median(_repeat(partial(decode, blob, expected=specs), reps))
@@ -861,8 +897,20 @@ def section_codec(args: argparse.Namespace) -> None:
         "bound = values + log2 C(slots, kept) per section (the fewest bits any position code can use)"
     )
     print_table(
-        ["model", "r", "method", "kept entries", "sparse/dense-factor records", "ours B", "paper B", "ours / paper",
-         "bound / paper", "payload B", "payload / budget", "payload / dense fp32"],
+        [
+            "model",
+            "r",
+            "method",
+            "kept entries",
+            "sparse/dense-factor records",
+            "ours B",
+            "paper B",
+            "ours / paper",
+            "bound / paper",
+            "payload B",
+            "payload / budget",
+            "payload / dense fp32",
+        ],
         rows,
     )
     print("\n## Flower framing of the reply (osd adaptive c)")
@@ -878,8 +926,16 @@ def section_codec(args: argparse.Namespace) -> None:
         "MB/s of payload bytes, dense-equivalent = float32 size of the rebuilt update"
     )
     print_table(
-        ["model", "r", "payload MB", "encode MB/s", "decode MB/s", "decompress ms", "decompress dense-equiv MB/s",
-         "compress dense-equiv MB/s"],
+        [
+            "model",
+            "r",
+            "payload MB",
+            "encode MB/s",
+            "decode MB/s",
+            "decompress ms",
+            "decompress dense-equiv MB/s",
+            "compress dense-equiv MB/s",
+        ],
         speed_rows,
     )
     print(f"load average (1 min) at end: {load1():.2f}")
@@ -918,19 +974,19 @@ def section_server(args: argparse.Namespace) -> None:
         for model, ns in cases:
             for n in ns:
                 quiet = wait_quiet(f"server {model} N={n}")
-                res = run_child(
-                    {
-                        "kind": "server",
-                        "model": model,
-                        "quick": args.quick,
-                        "clients": n,
-                        "rank": args.rank,
-                        "method": "osd",
-                        "distinct": args.distinct,
-                        "mode": mode,
-                        "threads": args.threads,
-                    }
-                )
+                case = {
+                    "kind": "server",
+                    "model": model,
+                    "quick": args.quick,
+                    "clients": n,
+                    "rank": args.rank,
+                    "method": "osd",
+                    "distinct": args.distinct,
+                    "mode": mode,
+                    "threads": args.threads,
+                }
+                res = run_child({**case, "phase": "time"})
+                res.update({k: v for k, v in run_child({**case, "phase": "memory"}).items() if k != "load_end"})
                 dense_total = res["model_bytes"] * n
                 rows.append(
                     [
@@ -950,8 +1006,20 @@ def section_server(args: argparse.Namespace) -> None:
                 )
         print(f"\n## {title}")
         print_table(
-            ["model", "N", "model MB", "payload KiB", "wall s", "ms / client", "dense-equiv GB/s",
-             "RSS before MB", "peak beyond MB", "peak / model", "accepted", "load start / end"],
+            [
+                "model",
+                "N",
+                "model MB",
+                "payload KiB",
+                "wall s",
+                "ms / client",
+                "dense-equiv GB/s",
+                "RSS before MB",
+                "peak beyond MB",
+                "peak / model",
+                "accepted",
+                "load start / end",
+            ],
             rows,
         )
     print(f"load average (1 min) at end: {load1():.2f}")
@@ -997,7 +1065,11 @@ def synthetic_client_app(shapes: Mapping[str, tuple[int, ...]]) -> Any:
 
 
 def _run_rounds(
-    app: Any, initial: Mapping[str, torch.Tensor], clients: int, rounds: int, osd: dict[str, Any] | None,
+    app: Any,
+    initial: Mapping[str, torch.Tensor],
+    clients: int,
+    rounds: int,
+    osd: dict[str, Any] | None,
     train_config: Mapping[str, Any],
 ) -> tuple[float, dict[str, int], float]:
     """Wall time of ``strategy.start`` for ``rounds`` rounds (no evaluation), bytes up, client compress s."""
@@ -1089,8 +1161,15 @@ def section_round(args: argparse.Namespace) -> None:
                 ]
             )
     print_table(
-        ["task", "variant", "s / round (median)", "vs dense s", "x dense", "client compress s / round",
-         "bytes up / client / round"],
+        [
+            "task",
+            "variant",
+            "s / round (median)",
+            "vs dense s",
+            "x dense",
+            "client compress s / round",
+            "bytes up / client / round",
+        ],
         rows,
     )
     print(f"load average (1 min) at end: {load1():.2f}")
