@@ -32,7 +32,14 @@ from typing import Any, Literal, get_args
 
 from osd_fl.errors import ConfigError
 
-__all__ = ["CompressionConfig", "ImportanceForm", "ValueDType"]
+__all__ = [
+    "CompressionConfig",
+    "ImportanceForm",
+    "ValueDType",
+    "check_literal_fields",
+    "coerce_value",
+    "fields_from_mapping",
+]
 
 ValueDType = Literal["float32", "float16"]
 ImportanceForm = Literal["grad", "taylor", "fisher", "ones", "adam"]
@@ -140,11 +147,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         """Check every field and raise :class:`ConfigError` naming the bad one."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            allowed = _literal_values(_field_type(f.name))
-            if allowed is not None and value not in allowed:
-                raise ConfigError(f"{f.name}={value!r} is not one of {sorted(allowed)}")
+        check_literal_fields(self)
         if self.rank < 1:
             raise ConfigError(f"rank={self.rank} must be >= 1")
         if self.relax < 0 or self.relax > 64:
@@ -191,17 +194,7 @@ class CompressionConfig:
             Raise :class:`ConfigError` on an unknown key (after the prefix).
 
         """
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for raw_key, raw in values.items():
-            if not raw_key.startswith(prefix):
-                continue
-            key = raw_key[len(prefix) :].replace("-", "_")
-            if key not in names:
-                if strict:
-                    raise ConfigError(f"unknown compression option {raw_key!r}; known: {sorted(names)}")
-                continue
-            kwargs[key] = _coerce(key, raw)
+        kwargs = fields_from_mapping(cls, values, prefix=prefix, strict=strict, what="compression")
         return cls(**kwargs)
 
     @classmethod
@@ -210,14 +203,66 @@ class CompressionConfig:
         return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
 
 
-def _field_type(name: str) -> Any:
-    return typing.get_type_hints(CompressionConfig)[name]
+def fields_from_mapping(
+    cls: type[Any], values: Mapping[str, Any], *, prefix: str = "", strict: bool = True, what: str = "config"
+) -> dict[str, Any]:
+    """Keyword arguments for the dataclass ``cls`` from loose key/value pairs.
+
+    The one parser behind :meth:`CompressionConfig.from_mapping`, the text
+    task's and the digits app's settings: CLI flags and Flower ``run_config``
+    deliver strings ("true", "4", "3e-4") and hyphenated keys.
+
+    Parameters
+    ----------
+    cls
+        A dataclass whose fields are annotated with ``bool``, ``int``,
+        ``float``, ``str``, a ``Literal`` of one of those, or ``X | None``
+        (other annotations are passed through unconverted).
+    values
+        Keys are field names, optionally with ``prefix`` and with ``-`` in
+        place of ``_``.
+    prefix
+        Only keys starting with ``prefix`` are read, with it stripped.
+    strict
+        Raise :class:`ConfigError` on an unknown key (after the prefix);
+        otherwise unknown keys are ignored.
+    what
+        What the options configure, for the error message.
+
+    Returns
+    -------
+    dict
+        ``{field: converted value}`` for the keys present; pass it to ``cls(**kwargs)``.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key (``strict``) or a value that does not convert, naming both.
+
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, raw in values.items():
+        if not raw_key.startswith(prefix):
+            continue
+        key = raw_key[len(prefix) :].replace("-", "_")
+        if key not in names:
+            if strict:
+                raise ConfigError(f"unknown {what} option {raw_key!r}; known: {sorted(names)}")
+            continue
+        kwargs[key] = coerce_value(raw_key, hints[key], raw)
+    return kwargs
 
 
-def _literal_values(tp: Any) -> set[Any] | None:
-    if typing.get_origin(tp) is Literal:
-        return set(get_args(tp))
-    return None
+def check_literal_fields(obj: Any) -> None:
+    """Raise :class:`ConfigError` if a ``Literal``-annotated field of dataclass ``obj`` holds another value."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        value = getattr(obj, f.name)
+        if typing.get_origin(tp) is Literal and value not in get_args(tp):
+            raise ConfigError(f"{f.name}={value!r} is not one of {list(get_args(tp))}")
 
 
 def _base_type(tp: Any) -> Any:
@@ -228,8 +273,20 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _coerce(name: str, raw: Any) -> Any:
-    base = _base_type(_field_type(name))
+def coerce_value(name: str, tp: Any, raw: Any) -> Any:
+    """Convert ``raw`` to the type ``tp`` of field ``name`` (see :func:`fields_from_mapping`).
+
+    Booleans accept ``True/False``, ``0/1`` and the strings
+    ``1/true/yes/on`` and ``0/false/no/off``; integers refuse booleans and
+    non-integral floats; floats refuse booleans.
+
+    Raises
+    ------
+    ConfigError
+        If the value does not convert; the message names the option.
+
+    """
+    base = _base_type(tp)
     try:
         if base is bool:
             if isinstance(raw, bool):
@@ -243,11 +300,13 @@ def _coerce(name: str, raw: Any) -> Any:
                 return False
             raise ValueError(raw)
         if base is int:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            if isinstance(raw, float) and not raw.is_integer():
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError(raw)
             return int(raw)
+        if base is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
         if base is str:
             return str(raw)
     except (TypeError, ValueError):

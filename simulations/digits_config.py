@@ -13,12 +13,12 @@ any key at run time::
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from osd_fl import CompressionConfig, ConfigError
+from osd_fl.config import fields_from_mapping
 from osd_fl.records import CONFIG_PREFIX
 
 __all__ = ["DigitsSettings", "app_config_items", "app_config_toml", "compression_from_run_config"]
@@ -84,26 +84,7 @@ class DigitsSettings:
         Missing keys keep their defaults, so ``run_simulation`` (empty
         run_config) gets a working run.
         """
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in run_config:
-                continue
-            raw = run_config[key]
-            kind = hints[f.name]
-            try:
-                if kind is bool:
-                    kwargs[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-                elif kind is int:
-                    kwargs[f.name] = int(raw)
-                elif kind is float:
-                    kwargs[f.name] = float(raw)
-                else:
-                    kwargs[f.name] = str(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
-        return cls(**kwargs)
+        return cls(**fields_from_mapping(cls, run_config, strict=False, what="digits app"))
 
 
 def compression_from_run_config(run_config: Mapping[str, Any]) -> CompressionConfig:

@@ -56,12 +56,10 @@ import json
 import math
 import os
 import time
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -97,6 +95,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the installed versi
         f"pip install 'transformers>=5,<6' ({_exc})"
     ) from _exc
 
+from osd_fl.config import check_literal_fields, fields_from_mapping
 from osd_fl.errors import ConfigError
 
 __all__ = [
@@ -358,11 +357,7 @@ class TextTaskConfig:
 
     def __post_init__(self) -> None:
         """Check every field and raise :class:`ConfigError` naming the bad one."""
-        hints = typing.get_type_hints(TextTaskConfig)
-        for f in dataclasses.fields(self):
-            tp = hints[f.name]
-            if typing.get_origin(tp) is Literal and getattr(self, f.name) not in get_args(tp):
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {list(get_args(tp))}")
+        check_literal_fields(self)
         positive = ("num_clients", "max_len", "batch_size", "eval_batch_size", "test_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -431,19 +426,7 @@ class TextTaskConfig:
             The validated configuration.
 
         """
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for raw_key, raw in values.items():
-            if not raw_key.startswith(prefix):
-                continue
-            key = raw_key[len(prefix) :].replace("-", "_")
-            if key not in names:
-                if strict:
-                    raise ConfigError(f"unknown text-task option {raw_key!r}; known: {sorted(names)}")
-                continue
-            kwargs[key] = _coerce(key, hints[key], raw)
-        return cls(**kwargs)
+        return cls(**fields_from_mapping(cls, values, prefix=prefix, strict=strict, what="text-task"))
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -461,38 +444,6 @@ class TextTaskConfig:
     def trained_layers(self) -> int:
         """Number of BertLayers trained (of MiniLM's 6)."""
         return max(6 - self.frozen_layers, 0)
-
-
-def _coerce(name: str, tp: Any, raw: Any) -> Any:
-    if typing.get_origin(tp) is Literal:
-        base: Any = type(get_args(tp)[0])
-    elif isinstance(tp, types.UnionType):
-        base = get_args(tp)[0]
-    else:
-        base = tp
-    try:
-        if base is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(raw)
-        if base is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            return int(raw)
-        if base is float:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            return float(raw)
-        if base is str:
-            return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name}={raw!r} is not a valid {base.__name__}") from None
-    return raw
 
 
 def resolve_device(device: str) -> torch.device:

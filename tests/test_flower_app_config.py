@@ -83,3 +83,9 @@ def test_settings_parse_and_validate() -> None:
         DigitsSettings(fraction_train=0.0)
     with pytest.raises(ConfigError, match="unknown compression option"):
         compression_from_run_config({"osd.rnak": 2})
+
+
+def test_settings_refuse_a_garbled_boolean_instead_of_reading_it_as_false() -> None:
+    with pytest.raises(ConfigError, match="central-eval"):
+        DigitsSettings.from_run_config({"central-eval": "maybe"})
+    assert DigitsSettings.from_run_config({"central-eval": "on"}).central_eval is True
