@@ -81,6 +81,10 @@ class SweepConfig:
     relax: int = field(default=3, metadata={"help": "OSD/MagTruncSVD rank relaxation c (adaptive: max c)."})
     value_dtype: str = field(default="float32", metadata={"help": "Value precision for every method."})
     task: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "TextTaskConfig overrides."})
+    method_ranks: Mapping[str, tuple[int, ...]] = field(
+        default_factory=dict,
+        metadata={"help": "Per-method rank lists that replace `ranks` for those methods (ablations at few budgets)."},
+    )
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)."})
 
 
@@ -118,10 +122,30 @@ PRESETS: dict[str, SweepConfig] = {
         rounds=12,
         task={"num_clients": 8, "local_steps": 10},
     ),
+    # Every baseline and OSD variant at r = 1, 2, 4, 8 with two seeds; the importance forms
+    # (osd = Z of ones, the default) as an ablation at r = 1, where the budget is tightest.
+    # 78 runs x 20 rounds: about 85 min on the 2-core CPU with nothing else running.
     "headline": SweepConfig(
         name="headline",
-        methods=tuple(m for m in METHOD_SPECS if m != "osd"),
+        methods=(
+            "dense",
+            "fp16",
+            "int8",
+            "topk",
+            "topk+ef",
+            "truncsvd",
+            "magtruncsvd",
+            "powersgd+ef",
+            "osd",
+            "osd+ef",
+            "osd-fixed-c",
+            "osd-grad",
+            "osd-taylor",
+            "osd-fisher",
+            "osd-adam",
+        ),
         ranks=(1, 2, 4, 8),
+        method_ranks={"osd-grad": (1,), "osd-taylor": (1,), "osd-fisher": (1,), "osd-adam": (1,)},
         seeds=(0, 1),
         rounds=20,
         task={"num_clients": 8, "local_steps": 10},
@@ -141,7 +165,7 @@ def plan(cfg: SweepConfig) -> list[tuple[str, int, int]]:
         if method not in METHOD_SPECS:
             raise SystemExit(f"unknown sweep method {method!r}; known: {', '.join(METHOD_SPECS)}")
         for seed in cfg.seeds:
-            for rank in (0,) if method in RANK_FREE else cfg.ranks:
+            for rank in (0,) if method in RANK_FREE else cfg.method_ranks.get(method, cfg.ranks):
                 runs.append((method, rank, seed))
     return runs
 

@@ -66,3 +66,15 @@ def test_same_seed_same_bytes_and_same_curve() -> None:
     assert [(r.test_accuracy, r.test_loss, r.bytes_up, r.bytes_down) for r in first] == [
         (r.test_accuracy, r.test_loss, r.bytes_up, r.bytes_down) for r in second
     ]
+
+
+def test_method_ranks_restrict_an_ablation_to_its_ranks() -> None:
+    cfg = PRESETS["headline"]
+    runs = plan(cfg)
+    assert len(runs) == len(set(runs))
+    grad_ranks = {rank for method, rank, _ in runs if method == "osd-grad"}
+    osd_ranks = {rank for method, rank, _ in runs if method == "osd"}
+    assert grad_ranks == set(cfg.method_ranks["osd-grad"]) == {1}
+    assert osd_ranks == set(cfg.ranks) == {1, 2, 4, 8}
+    assert {rank for method, rank, _ in runs if method == "dense"} == {0}
+    assert {seed for *_, seed in runs} == set(cfg.seeds)
