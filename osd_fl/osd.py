@@ -26,6 +26,7 @@ re-selects B after A is masked (measure before enabling: see docs);
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -40,13 +41,12 @@ from osd_fl.compressor import (
     item_generator,
     lowrank_record,
     register,
-    weighted_error,
 )
 from osd_fl.payload import TensorRecord
 from osd_fl.selection import select, selection_bytes
 from osd_fl.svd import split_factors, truncated_svd
 
-__all__ = ["OSD", "SparseLowRank", "damage_scores"]
+__all__ = ["OSD", "SparseLowRank", "candidate_errors", "damage_scores"]
 
 
 def damage_scores(
@@ -76,22 +76,108 @@ def _masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
     return f * mask.reshape(f.shape)
 
 
-def _weighted_error_into(approx: torch.Tensor, mat: torch.Tensor, z: torch.Tensor | None) -> float:
-    """:func:`~osd_fl.compressor.weighted_error` computed in ``approx``'s storage (overwritten).
+#: Bytes of one row block of ``M`` in :func:`candidate_errors` with ``Z`` on CPU: the blocks of ``M``,
+#: ``Z`` and ``Z * M`` stay in cache while both products read them, so each is read from memory once.
+BLOCK_BYTES = 1 << 18
 
-    Bit for bit the same number: ``approx - mat`` is exactly ``-(mat - approx)``
-    in IEEE arithmetic, squaring drops the sign, and the sum reduces a tensor
-    of the same values in the same (contiguous) layout. It saves the n x d
-    temporary and its page faults, which cost more than the arithmetic on
-    CPU. Falls back to the allocating form for a non-contiguous ``mat``,
-    whose difference would take ``mat``'s layout and sum in another order.
+
+def candidate_errors(
+    mat: torch.Tensor,
+    z: torch.Tensor | None,
+    candidates: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    include_base: bool = True,
+) -> list[float]:
+    """Z-weighted squared error ``sum Z * (M - A_c B_c)^2`` of every candidate, without forming ``A_c B_c``.
+
+    Adaptive c compares a handful of rank-``k_c`` approximations of one
+    matrix. Forming each ``n x d`` product and its error costs about five
+    passes over ``n x d`` memory per candidate, which dominated OSD's time.
+    Here the error is expanded,
+
+    ``sum Z (M - AB)^2 = sum Z M^2 - 2 sum(A * ((Z M) B^T)) + sum_{k,l} sum_i A_ik A_il (Z (B_k * B_l)^T)_i``,
+
+    and one product ``(Z M) [B_1; ...; B_m]^T`` plus one product of ``Z``
+    with every candidate's row pairs ``B_k * B_l`` serve all candidates,
+    computed block by block of rows so that ``M`` and ``Z`` are each read
+    from memory once (``Z = None``: the last term is
+    ``sum((A^T A) * (B B^T))``, no pass at all). The small terms are summed
+    in float64; the first term is the same for every candidate, so the
+    comparison carries only the float32 rounding of the two products
+    (relative ~1e-6 of the terms).
+
+    Parameters
+    ----------
+    mat
+        The matrix ``M`` (``n x d``).
+    z
+        Its importance map (``n x d``) or ``None`` for ones.
+    candidates
+        ``(A_c, B_c)`` pairs, ``n x k_c`` and ``k_c x d`` (masked factors).
+    include_base
+        Add ``sum Z M^2`` (the same for every candidate); ``False`` saves a
+        pass when only the ranking is needed.
+
+    Returns
+    -------
+    list of float
+        One error per candidate, in order.
+
     """
-    if not (mat.is_contiguous() and approx.is_contiguous()):
-        return weighted_error(mat, approx, z)
-    diff = approx.sub_(mat).square_()
-    if z is not None:
-        diff.mul_(z)
-    return float(diff.sum())
+    if not candidates:
+        return []
+    dtype = candidates[0][0].dtype
+    m = mat.to(dtype)
+    n, d = m.shape
+    b_all_t = torch.cat([b for _, b in candidates], dim=0).T.contiguous()  # d x sum(k_c)
+    base = 0.0
+    pair_q: torch.Tensor | None = None
+    pair_index: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if z is None:
+        proj = (m @ b_all_t).to(torch.float64)  # n x sum(k_c): one pass over M
+        if include_base:
+            base = float(torch.dot(m.reshape(-1), m.reshape(-1)))
+    else:
+        zc = z.to(dtype)
+        rows = []
+        for _, b in candidates:
+            ki, li = torch.triu_indices(b.shape[0], b.shape[0], device=b.device)
+            pair_index.append((ki, li))
+            rows.append(b[ki] * b[li])
+        pairs_t = torch.cat(rows, dim=0).T.contiguous()  # d x sum(k_c (k_c + 1) / 2)
+        proj32 = torch.empty(n, b_all_t.shape[1], dtype=dtype, device=m.device)
+        pair32 = torch.empty(n, pairs_t.shape[1], dtype=dtype, device=m.device)
+        step = n if m.is_cuda else max(1, min(n, BLOCK_BYTES // max(1, d * m.element_size())))
+        wbuf = torch.empty(step, d, dtype=dtype, device=m.device)
+        base_t = torch.zeros((), dtype=torch.float64, device=m.device)
+        for i0 in range(0, n, step):
+            mb, zb = m[i0 : i0 + step], zc[i0 : i0 + step]
+            wb = torch.mul(mb, zb, out=wbuf[: mb.shape[0]])
+            torch.matmul(wb, b_all_t, out=proj32[i0 : i0 + step])
+            torch.matmul(zb, pairs_t, out=pair32[i0 : i0 + step])
+            if include_base:
+                base_t += torch.dot(wb.reshape(-1), mb.reshape(-1)).to(torch.float64)
+        base = float(base_t)
+        proj = proj32.to(torch.float64)
+        pair_q = pair32.to(torch.float64)
+    out: list[float] = []
+    col = pcol = 0
+    for j, (a, b) in enumerate(candidates):
+        k = b.shape[0]
+        a64 = a.to(torch.float64)
+        cross = float((a64 * proj[:, col : col + k]).sum())
+        if pair_q is None:
+            b64 = b.to(torch.float64)
+            quad = float(((a64.T @ a64) * (b64 @ b64.T)).sum())
+        else:
+            ki, li = pair_index[j]
+            npairs = int(ki.numel())
+            weight = torch.where(ki == li, 1.0, 2.0).to(torch.float64)
+            quad = float(((a64[:, ki] * a64[:, li] * pair_q[:, pcol : pcol + npairs]).sum(dim=0) * weight).sum())
+            pcol += npairs
+        out.append(base - 2.0 * cross + quad)
+        col += k
+    return out
 
 
 class SparseLowRank(Compressor):
@@ -112,10 +198,15 @@ class SparseLowRank(Compressor):
         )
 
     def _sparse(
-        self, item: MatrixItem, a: torch.Tensor, b: torch.Tensor, budget: int
+        self,
+        item: MatrixItem,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        budget: int,
+        scored: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         vb = self.config.value_bytes
-        s_a, s_b = self.scores(a, b, item.importance)
+        s_a, s_b = scored if scored is not None else self.scores(a, b, item.importance)
         pos_a, pos_b = select([s_a, s_b], vb, budget)
         if self.config.second_pass and item.importance is not None:
             spent_a = selection_bytes([pos_a.size], [a.numel()], vb)
@@ -130,30 +221,37 @@ class SparseLowRank(Compressor):
         return [cfg.relax]
 
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
-        """Compress one matrix; with adaptive c keep the candidate of least weighted error."""
+        """Compress one matrix; with adaptive c keep the candidate of least weighted error.
+
+        Every score used here is column-local (entry ``(i, j)`` of ``A``
+        depends on column ``j`` of ``A`` and row ``j`` of ``B`` only), so the
+        scores of the largest candidate, sliced, are every candidate's scores:
+        ``Z`` is read twice for all candidates, not twice per candidate.
+        """
         r = self.config.rank
         cs = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
         u, s, vh = self._svd(item, r + max(cs))
-        best: tuple[float, TensorRecord] | None = None
-        work: torch.Tensor | None = None  # one n x d buffer reused by every candidate's error
+        k_max = min(r + max(cs), int(s.numel()))
+        a_max, b_max = split_factors(u, s, vh, k_max)
+        scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
+        records: list[TensorRecord] = []
+        approx: list[tuple[torch.Tensor, torch.Tensor]] = []
         for c in cs:
-            k = min(r + c, int(s.numel()))
-            a, b = split_factors(u, s, vh, k)
+            k = min(r + c, k_max)
+            a, b = a_max[:, :k].contiguous(), b_max[:k]
             if c == 0:
-                rec = lowrank_record(item, a, b)
-                approx_a, approx_b = a, b
+                records.append(lowrank_record(item, a, b))
+                approx.append((a, b))
             else:
-                pos_a, pos_b = self._sparse(item, a, b, budget - LOWRANK_OVERHEAD)
-                rec = lowrank_record(item, a, b, pos_a, pos_b)
-                approx_a, approx_b = _masked(a, pos_a), _masked(b, pos_b)
-            if len(cs) == 1:
-                return rec
-            work = approx_a @ approx_b if work is None else torch.matmul(approx_a, approx_b, out=work)
-            err = _weighted_error_into(work, item.mat, item.importance)
-            if best is None or err < best[0]:
-                best = (err, rec)
-        assert best is not None
-        return best[1]
+                assert scored is not None
+                sub = (scored[0][:, :k], scored[1][:k])
+                pos_a, pos_b = self._sparse(item, a, b, budget - LOWRANK_OVERHEAD, sub)
+                records.append(lowrank_record(item, a, b, pos_a, pos_b))
+                approx.append((_masked(a, pos_a), _masked(b, pos_b)))
+        if len(records) == 1:
+            return records[0]
+        errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
+        return records[min(range(len(errors)), key=errors.__getitem__)]
 
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """One budget for all matrices: every factor entry of every matrix ranked together.

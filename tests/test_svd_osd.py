@@ -126,3 +126,25 @@ def test_matrix_budget_is_truncsvd_cost() -> None:
     from osd_fl.codec import header_bytes, record_header_bytes
 
     assert len(blob) == header_bytes("truncsvd") + record_header_bytes("w", 2) + matrix_budget(n, d, r, 4)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(7, 5), (96, 40), (300, 1100)])
+def test_candidate_errors_equal_the_direct_weighted_error(shape: tuple[int, int], weighted: bool) -> None:
+    """The one-pass candidate errors (expansion without Z, cache blocks with Z) equal the n x d formula."""
+    from osd_fl.compressor import weighted_error
+    from osd_fl.osd import candidate_errors
+
+    g = torch.Generator().manual_seed(sum(shape))
+    n, d = shape
+    mat = low_rank_plus_sparse(n, d, rank=3, seed=sum(shape))
+    z = torch.rand(n, d, generator=g) if weighted else None
+    cands = []
+    for k in (1, 2, 4):
+        a = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) > 0.3)
+        b = torch.randn(k, d, generator=g) * (torch.rand(k, d, generator=g) > 0.5)
+        cands.append((a, b))
+    got = candidate_errors(mat, z, cands)
+    want = [weighted_error(mat.double(), (a @ b).double(), None if z is None else z.double()) for a, b in cands]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert min(range(3), key=got.__getitem__) == min(range(3), key=want.__getitem__)
