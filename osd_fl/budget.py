@@ -20,6 +20,7 @@ The codec takes the cheapest of these per section.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
@@ -92,6 +93,7 @@ def position_bytes(coding: Coding, count: int, slots: int, param: int = 0) -> in
     return _ef_bytes(count, slots, param)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def best_coding(count: int, slots: int) -> tuple[Coding, int, int]:
     """Cheapest exact coding for ``count`` of ``slots``: ``(coding, param, bytes)``.
 
