@@ -150,6 +150,25 @@ PRESETS: dict[str, SweepConfig] = {
         rounds=20,
         task={"num_clients": 8, "local_steps": 10},
     ),
+    # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds (10 runs, about 12 min).
+    "noniid": SweepConfig(
+        name="noniid",
+        methods=("dense", "truncsvd", "magtruncsvd", "osd", "osd+ef"),
+        ranks=(1,),
+        seeds=(0, 1),
+        rounds=20,
+        task={"num_clients": 8, "local_steps": 10, "partitioning": "dirichlet", "alpha": 0.5},
+    ),
+    # Two trained layers (frozen_layers=4): a larger, less compressible update; rank 1, one seed
+    # (3 runs, about 10 min plus a one-time activation cache).
+    "twolayer": SweepConfig(
+        name="twolayer",
+        methods=("dense", "truncsvd", "osd"),
+        ranks=(1,),
+        seeds=(0,),
+        rounds=10,
+        task={"num_clients": 8, "local_steps": 10, "frozen_layers": 4},
+    ),
 }
 
 

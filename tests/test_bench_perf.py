@@ -1,0 +1,63 @@
+"""The performance benchmark's measuring code (issue 6): its byte accounting, and a smoke run of its CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from osd_fl import compress
+from simulations.bench_codec import synthetic_update
+from simulations.bench_perf import codec_stats, model_shapes, synthetic_importance
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_osd_bytes_are_below_the_papers_formula_and_above_the_entropy_bound(rank: int, adaptive: bool) -> None:
+    """Issue 6's codec target (ours <= 0.85 x the paper's mu for the same kept entries), on a 2-layer MiniLM."""
+    shapes = model_shapes("minilm", quick=True)
+    update = synthetic_update(shapes, seed=0)
+    imp = synthetic_importance(shapes, 0)
+    blob = compress(update, method="osd", rank=rank, adaptive=adaptive, importance=imp)
+    st = codec_stats(blob, 32, {k: (s, torch.float32) for k, s in shapes.items()})
+    assert st["kept"] > 0 and st["sparse"] > 0
+    assert st["bound"] <= st["ours"] <= 0.85 * st["paper"], st
+
+
+@pytest.mark.slow
+def test_bench_perf_quick_runs_every_section() -> None:
+    """`python -m simulations.bench_perf --section all --quick` prints every section (no waiting for quiet)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.bench_perf",
+            "--section",
+            "all",
+            "--quick",
+            "--repeats",
+            "1",
+            "--max-load",
+            "1000",
+            "--max-busy",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for title in (
+        "1. Client compression cost",
+        "2. Server aggregation",
+        "3. Codec",
+        "LLaMA-7B-shaped",
+        "x TruncSVD",
+        "peak / model",
+        "framing share",
+    ):
+        assert title in out, f"missing {title!r} in the output:\n{out[-3000:]}"
