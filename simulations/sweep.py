@@ -10,7 +10,7 @@ budget, mean and spread over seeds) and three plots.
 
     python -m simulations.sweep --preset demo        # the README's demo (minutes)
     python -m simulations.sweep --preset medium      # 11 methods, r = 1 and 4, one seed (under an hour)
-    python -m simulations.sweep --preset headline    # the full comparison (about 2 h on 2 CPU cores)
+    python -m simulations.sweep --preset headline    # the full comparison (78 runs, about 85 min on 2 CPU cores)
     python -m simulations.sweep --preset quick --out results/quick   # seconds; used by the tests
 
 Presets are :data:`PRESETS`; any field can be overridden on the command line
@@ -282,6 +282,11 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if int(r["round"]) == last_round:
             groups.setdefault((str(r["method"]), int(r["rank"])), []).append(r)
+    by_seed = {
+        (str(r["method"]), int(r["rank"]), int(r["seed"])): float(r["test_accuracy"])
+        for rs in groups.values()
+        for r in rs
+    }
     dense = groups.get(("dense", 0))
     dense_up = statistics.mean(float(r["cum_bytes_up"]) for r in dense) if dense else math.nan
     dense_acc = statistics.mean(float(r["test_accuracy"]) for r in dense) if dense else math.nan
@@ -289,6 +294,12 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (method, rank), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         accs = [float(r["test_accuracy"]) for r in rs]
         up = statistics.mean(float(r["cum_bytes_up"]) for r in rs)
+        # paired by seed against TruncSVD at the same rank: the seed moves every method alike
+        diffs = [
+            by_seed[(method, rank, int(r["seed"]))] - by_seed[("truncsvd", rank, int(r["seed"]))]
+            for r in rs
+            if ("truncsvd", rank, int(r["seed"])) in by_seed
+        ]
         out.append(
             {
                 "method": method,
@@ -297,6 +308,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "final_accuracy": statistics.mean(accs),
                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "vs_dense_points": 100 * (statistics.mean(accs) - dense_acc),
+                "vs_truncsvd_points": 100 * statistics.mean(diffs) if diffs and rank > 0 else math.nan,
+                "seeds_ahead_of_truncsvd": sum(d > 0 for d in diffs) if rank > 0 else 0,
                 "uplink_bytes": up,
                 "uplink_share_of_dense": up / dense_up if dense_up else math.nan,
                 "downlink_bytes": statistics.mean(float(r["cum_bytes_down"]) for r in rs),
@@ -311,14 +324,16 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], cfg: SweepConfig) -> 
     lines = [
         f"Sweep `{cfg.name}`: {cfg.rounds} rounds, seeds {list(cfg.seeds)}, task {dict(cfg.task)}",
         "",
-        "| method | rank | seeds | final acc. (%) | ± std | vs dense (pts) | uplink bytes | share of dense "
-        "| compress s/client |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | rank | seeds | final acc. (%) | ± std | vs dense (pts) | vs TruncSVD (pts, paired) "
+        "| uplink bytes | share of dense | compress s/client |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
+        vs_t = s["vs_truncsvd_points"]
+        paired = "-" if math.isnan(vs_t) else f"{vs_t:+.2f} ({s['seeds_ahead_of_truncsvd']}/{s['seeds']} ahead)"
         lines.append(
             f"| {s['method']} | {s['rank'] or '-'} | {s['seeds']} | {100 * s['final_accuracy']:.2f} | "
-            f"{100 * s['accuracy_std']:.2f} | {s['vs_dense_points']:+.2f} | {s['uplink_bytes']:,.0f} | "
+            f"{100 * s['accuracy_std']:.2f} | {s['vs_dense_points']:+.2f} | {paired} | {s['uplink_bytes']:,.0f} | "
             f"{100 * s['uplink_share_of_dense']:.3f}% | {s['compress_s']:.3f} |"
         )
     return "\n".join(lines) + "\n"
