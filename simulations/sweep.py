@@ -359,26 +359,35 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
     ranks = sorted({k[1] for k in curves if k[1] > 0}) or [0]
     markers = dict(zip(ranks, "os^Dvx*"))
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (method, rank), by_round in sorted(curves.items()):
-        pts = [
-            (statistics.mean(b for b, _ in v), statistics.mean(a for _, a in v)) for _, v in sorted(by_round.items())
-        ]
-        pts = [p for p in pts if p[0] > 0]
-        if not pts:
-            continue
-        label = method if rank == 0 else f"{method} r={rank}"
-        ax.plot(*zip(*pts), marker=markers.get(rank, "."), ms=3, lw=1.2, color=colors[method], label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative uplink bytes (Flower messages, all clients)")
-    ax.set_ylabel("central test accuracy")
-    ax.set_title("Accuracy vs uplink bytes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_bytes.png")
-    fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
+    def bytes_figure(keep: set[int] | None, path: Path, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for (method, rank), by_round in sorted(curves.items()):
+            if keep is not None and rank not in keep:
+                continue
+            pts = [
+                (statistics.mean(b for b, _ in v), statistics.mean(a for _, a in v))
+                for _, v in sorted(by_round.items())
+            ]
+            pts = [p for p in pts if p[0] > 0]
+            if not pts:
+                continue
+            label = method if rank == 0 else f"{method} r={rank}"
+            ax.plot(*zip(*pts), marker=markers.get(rank, "."), ms=3, lw=1.2, color=colors[method], label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative uplink bytes (Flower messages, all clients)")
+        ax.set_ylabel("central test accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(path)
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+
+    bytes_figure(None, out / "accuracy_vs_bytes.png", "Accuracy vs uplink bytes")
+    if len(ranks) > 1:  # the full figure is crowded: one per rank, with the rank-free methods
+        for rank in ranks:
+            bytes_figure({0, rank}, out / f"accuracy_vs_bytes_r{rank}.png", f"Accuracy vs uplink bytes (rank {rank})")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
