@@ -46,6 +46,9 @@ from osd_fl.payload import TensorRecord
 from osd_fl.selection import select, selection_bytes
 from osd_fl.svd import split_factors, truncated_svd
 
+#: Kept positions of ``A`` and of ``B`` (flat, sorted).
+Positions = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
 __all__ = ["OSD", "SparseLowRank", "candidate_errors", "damage_scores"]
 
 
@@ -234,24 +237,24 @@ class SparseLowRank(Compressor):
         k_max = min(r + max(cs), int(s.numel()))
         a_max, b_max = split_factors(u, s, vh, k_max)
         scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
-        records: list[TensorRecord] = []
-        approx: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (A, B, kept positions or None for dense factors) per candidate; only the winner is encoded
+        chosen: list[tuple[torch.Tensor, torch.Tensor, Positions | None]] = []
         for c in cs:
             k = min(r + c, k_max)
             a, b = a_max[:, :k].contiguous(), b_max[:k]
             if c == 0:
-                records.append(lowrank_record(item, a, b))
-                approx.append((a, b))
+                chosen.append((a, b, None))
             else:
                 assert scored is not None
                 sub = (scored[0][:, :k], scored[1][:k])
-                pos_a, pos_b = self._sparse(item, a, b, budget - LOWRANK_OVERHEAD, sub)
-                records.append(lowrank_record(item, a, b, pos_a, pos_b))
-                approx.append((_masked(a, pos_a), _masked(b, pos_b)))
-        if len(records) == 1:
-            return records[0]
-        errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
-        return records[min(range(len(errors)), key=errors.__getitem__)]
+                chosen.append((a, b, self._sparse(item, a, b, budget - LOWRANK_OVERHEAD, sub)))
+        best = 0
+        if len(chosen) > 1:
+            approx = [(a, b) if pos is None else (_masked(a, pos[0]), _masked(b, pos[1])) for a, b, pos in chosen]
+            errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
+            best = min(range(len(errors)), key=errors.__getitem__)
+        a, b, pos = chosen[best]
+        return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
 
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """One budget for all matrices: every factor entry of every matrix ranked together.

@@ -1201,8 +1201,7 @@ def main(argv: list[str] | None = None) -> None:
         child_main(args.child)
         return
     torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device))  # children get "cpu" or "cuda", never "auto"
     sections = SECTIONS if args.section == "all" else (args.section,)
     runners = {"client": section_client, "server": section_server, "codec": section_codec, "round": section_round}
     for s in ("client", "codec", "server", "round"):
