@@ -382,5 +382,12 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies)."""
-    return {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in record_to_numpy(record).items()}
+    """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies).
+
+    ``Array.numpy()`` already deserializes into a new array, so this copies
+    only where numpy handed back a read-only one.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, arr in record_to_numpy(record).items():
+        out[name] = torch.from_numpy(arr if arr.flags.writeable else np.array(arr, copy=True))
+    return out

@@ -17,13 +17,17 @@ and pairs with :func:`clients.osd_mod` on the ClientApp. Per round it
    the decoded update), rejecting a bad reply with its reason logged and
    counted instead of failing the round; a sampled node that sent nothing
    (timeout) and an error reply count as ``failed``;
-3. decodes accepted replies one at a time into a weighted running sum (memory
-   O(model) however many clients answer) and forms
-   ``W + server_lr * sum_i(n_i * dW_i) / sum_i(n_i)``;
+3. rebuilds accepted replies one tensor at a time into a float64 weighted
+   running sum (memory: the sums, 2x a float32 model, plus one tensor,
+   however many clients answer) and forms
+   ``W + server_lr * sum_i(n_i * dW_i) / sum_i(n_i)`` tensor by tensor,
+   freeing each sum as its tensor is written;
 4. hands that model to the inner strategy's ``aggregate_train`` as a single
    reply, so inner strategies with a server optimizer (FedAdam, FedYogi,
-   FedAvgM, ...) apply their step to the decoded average. With FedAvg the
-   result is that model unchanged.
+   FedAvgM, ...) apply their step to the decoded average. With FedAvg (whose
+   ``aggregate_train`` is not overridden) the result would be that model
+   times ``w / w = 1.0``, so the strategy returns it directly and skips
+   FedAvg's copies of the arrays.
 
 Robust aggregators that need every update separately (Krum, FedMedian,
 trimmed mean) do not fit the O(model) running sum and are not supported.
@@ -47,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from flwr.app import (
     DEFAULT_TTL,
@@ -67,8 +72,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from osd_fl import CompressionConfig, ConfigError, PayloadError, decode, payload_budget
 from osd_fl.budget import total_dense_bytes
-from osd_fl.codec import iter_tensors
+from osd_fl.codec import rebuild_is_finite, reconstruct
 from osd_fl.compressor import get_compressor
+from osd_fl.payload import Payload
 from osd_fl.records import (
     METRIC_ACCEPTED,
     METRIC_FAILED,
@@ -82,8 +88,6 @@ from osd_fl.records import (
     config_to_record,
     record_specs,
     record_to_payload,
-    record_to_tensors,
-    tensors_to_record,
 )
 from strategies.metering import ByteMeter, MeteredGrid
 
@@ -157,9 +161,9 @@ class OSDStrategy(Strategy):
     norm_bound_relative
         If set, reject a reply whose update norm is above this factor times
         the median norm of the round's replies that passed every other check
-        (the absolute bound included). Must be >= 1. Off by default. It costs
-        a second decode of each reply (norms first, then the sum), never more
-        memory: see Notes.
+        (the absolute bound included). Must be >= 1. Off by default. Either
+        bound costs a second rebuild of each tensor (norms first, then the
+        sum), never more memory: see Notes.
     min_accepted
         Fewest accepted replies for the round to change the model; with fewer,
         the global model is left unchanged (the run goes on). Default 1, as
@@ -178,13 +182,15 @@ class OSDStrategy(Strategy):
     ``docs/security.md``.
 
     Norm bounds: the norm is the L2 norm of the decoded update over every
-    floating tensor, computed in float64. With only ``norm_bound`` each reply
-    is decoded once, as without a bound. ``norm_bound_relative`` needs the
-    round's median before any update can be added, and the strategy keeps one
-    running sum, never every decoded update; so it decodes each reply twice:
-    a first pass keeps only the norm (a float per reply), a second pass
-    decodes the replies within the bound again into the sum. Memory stays
-    O(model) plus O(1) per reply; decode time roughly doubles. The median
+    floating tensor, computed in float64. The strategy never holds a whole
+    decoded update, only the float64 running sums and one rebuilt tensor, so
+    measuring a norm costs a pass of its own: with a bound every tensor of a
+    kept reply is rebuilt twice (once to measure, once to add), where without
+    one a float32 tensor is rebuilt once. ``norm_bound_relative`` needs the
+    round's median before any update can be added: the first pass keeps only
+    each reply's norm (a float per reply), a second pass parses the replies
+    within the bound again and adds them. Memory stays O(model) plus O(1)
+    per reply either way; rebuild time roughly doubles. The median
     is only a robust reference while most replies are honest; with two
     replies it is their mean. Rejected outliers count as ``rejected`` and
     ``rejected-norm``; the round's metrics carry ``update-norm-median`` and
@@ -436,17 +442,14 @@ class OSDStrategy(Strategy):
                 reason = f"error reply (code {msg.error.code}): {msg.error.reason}"
                 self._reject(server_round, node, reason, failed=True, kind="error")
                 continue
-            decoded = self._checked_update(server_round, node, msg, specs, limit, counts)
-            if decoded is None:
+            checked = self._checked_update(server_round, node, msg, specs, limit, counts)
+            if checked is None:
                 continue
-            weight, update, norm = decoded
-            del decoded  # the tuple would keep this update alive into the next decode
+            weight, payload, norm = checked
             if two_pass:
-                del update  # pass 1 keeps the norm only
-                pending.append((msg, weight, norm))
+                pending.append((msg, weight, norm))  # pass 1 keeps the norm only
                 continue
-            _accumulate(acc, update, weight)
-            del update  # one decoded update alive at a time: memory O(model)
+            _accumulate(acc, payload, weight)
             total_weight += weight
             accepted.append(msg)
         if two_pass and pending:
@@ -466,13 +469,13 @@ class OSDStrategy(Strategy):
                     )
                     self._reject(server_round, node, reason, kind="norm")
                     continue
-                decoded = self._checked_update(server_round, node, msg, specs, limit, counts, check_norm=False)
-                if decoded is None:  # cannot happen (decoding is deterministic); never trust it blindly
+                # Parsing again is cheap (the payload is the compressed bytes);
+                # nothing decoded is kept between the passes.
+                checked = self._checked_update(server_round, node, msg, specs, limit, counts, first_pass=False)
+                if checked is None:  # cannot happen (decoding is deterministic); never trust it blindly
                     continue
-                weight, update, _ = decoded
-                del decoded
-                _accumulate(acc, update, weight)
-                del update
+                weight, payload, _ = checked
+                _accumulate(acc, payload, weight)
                 total_weight += weight
                 accepted.append(msg)
         for node in sorted(self._sampled - answered):
@@ -502,18 +505,62 @@ class OSDStrategy(Strategy):
             )
             return None, client_metrics
 
-        current = record_to_tensors(global_record)
-        new: dict[str, torch.Tensor] = {}
-        scale = self.server_lr / total_weight
-        for name, tensor in current.items():
-            if name in acc:
-                step = acc.pop(name).mul_(scale)
-                new[name] = (tensor.to(torch.float64) + step).to(tensor.dtype)
-            else:
-                new[name] = tensor
-        del acc, current
-        for name, tensor in new.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        candidate = self._apply_step(server_round, global_record, acc, self.server_lr / total_weight)
+        del acc
+        if candidate is None:
+            return None, client_metrics
+        reply_metrics = MetricRecord(dict(client_metrics.items()))
+        reply_metrics[self.weighted_by_key] = total_weight
+        if _plain_fedavg(self.inner):
+            # FedAvg of one reply is that reply's arrays times w / w = 1.0,
+            # exactly: skip its copies (it would hold three models at once)
+            # and aggregate the metrics the way it would.
+            assert isinstance(self.inner, FedAvg)
+            contents = [RecordDict({"metrics": reply_metrics})]
+            inner_metrics: MetricRecord | None = self.inner.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            arrays: ArrayRecord | None = candidate
+        else:
+            # Hand the decoded model to the inner strategy as one reply carrying the
+            # total weight: server optimizers step from it.
+            inner_arrays_key = str(getattr(self.inner, "arrayrecord_key", "arrays"))
+            synthetic = make_message(
+                metadata=_synthetic_metadata(accepted[0]),
+                content=RecordDict({inner_arrays_key: candidate, "metrics": reply_metrics}),
+            )
+            del candidate
+            arrays, inner_metrics = self.inner.aggregate_train(server_round, [synthetic])
+            if arrays is not None:
+                arrays = _restore_dtypes(arrays, specs_all)
+        merged = MetricRecord(dict(client_metrics.items()))
+        if inner_metrics is not None:
+            for key, value in inner_metrics.items():
+                merged[key] = value
+        return arrays, merged
+
+    def _apply_step(
+        self,
+        server_round: int,
+        global_record: ArrayRecord,
+        acc: dict[str, torch.Tensor],
+        scale: float,
+    ) -> ArrayRecord | None:
+        """``W + scale * acc`` as a new record, one tensor at a time (``acc`` is emptied).
+
+        Each accumulator is freed as soon as its tensor is written, so the
+        peak is the accumulators plus one tensor, not accumulators plus two
+        models. Returns ``None`` (global model unchanged) if a new value is
+        not finite in the model's dtype.
+        """
+        out: dict[str, Array] = {}
+        for name, array in global_record.items():
+            if name not in acc:
+                out[name] = array  # integer buffers: the same (immutable) Array
+                continue
+            current = torch.from_numpy(_writable(array.numpy()))
+            step = acc.pop(name).mul_(scale)
+            new = step.add_(current).to(current.dtype)  # in float64, then the model's dtype
+            del step
+            if new.is_floating_point() and not bool(torch.isfinite(new).all()):
                 # Every accepted update is finite, but their sum can still leave
                 # the model's dtype (float16 tops out at 65504): keep the model.
                 log.warning(
@@ -521,29 +568,13 @@ class OSDStrategy(Strategy):
                     "(consider norm_bound)",
                     server_round,
                     name,
-                    tensor.dtype,
+                    new.dtype,
                 )
-                return None, client_metrics
-        candidate = tensors_to_record(new)
-        del new
-
-        # Hand the decoded model to the inner strategy as one reply carrying the
-        # total weight: FedAvg returns it as is, server optimizers step from it.
-        inner_arrays_key = str(getattr(self.inner, "arrayrecord_key", "arrays"))
-        reply_metrics = MetricRecord(dict(client_metrics.items()))
-        reply_metrics[self.weighted_by_key] = total_weight
-        synthetic = make_message(
-            metadata=_synthetic_metadata(accepted[0]),
-            content=RecordDict({inner_arrays_key: candidate, "metrics": reply_metrics}),
-        )
-        arrays, inner_metrics = self.inner.aggregate_train(server_round, [synthetic])
-        if arrays is not None:
-            arrays = _restore_dtypes(arrays, specs_all)
-        merged = MetricRecord(dict(client_metrics.items()))
-        if inner_metrics is not None:
-            for key, value in inner_metrics.items():
-                merged[key] = value
-        return arrays, merged
+                acc.clear()
+                return None
+            out[name] = Array(np.asarray(new.numpy()))
+            del new, current
+        return ArrayRecord(out)
 
     def _checked_update(
         self,
@@ -554,14 +585,23 @@ class OSDStrategy(Strategy):
         limit: int,
         counts: dict[str, int],
         *,
-        check_norm: bool = True,
-    ) -> tuple[float, dict[str, torch.Tensor], float] | None:
-        """Validate and decode one reply; on failure record why and return ``None``.
+        first_pass: bool = True,
+    ) -> tuple[float, Payload, float] | None:
+        """Validate one reply; on failure record why and return ``None``.
 
-        Returns ``(weight, update, norm)``; ``norm`` is NaN when no bound is set.
+        Returns ``(weight, payload, norm)``: the parsed payload (compressed
+        factors, not the rebuilt tensors) and the update's norm, NaN when no
+        bound is set. Every tensor that could rebuild to a non-finite value,
+        and every tensor when a norm bound is set, is rebuilt here one at a
+        time and dropped, so :func:`_accumulate` cannot fail half-way.
+        ``first_pass=False`` (the second pass of a relative norm bound) parses
+        the payload again and skips what the first pass checked.
         """
         try:
-            weight, update = self._decode_reply(msg, specs, limit)
+            weight, payload = self._decode_reply(msg, specs, limit)
+            if not first_pass:  # rebuilt and measured in the first pass, and decoding is deterministic
+                return weight, payload, math.nan
+            norm = self._rebuild_check(payload)
         except _Rejected as exc:
             counts[METRIC_REJECTED] += 1
             self._reject(server_round, node, str(exc))
@@ -571,27 +611,44 @@ class OSDStrategy(Strategy):
             counts[METRIC_REJECTED] += 1
             self._reject(server_round, node, f"validation raised {type(exc).__name__}: {exc}")
             return None
-        norm = math.nan
         if self.bounds_norm:
-            norm = _update_norm(update)
             if not math.isfinite(norm):
                 counts[METRIC_REJECTED] += 1
                 self._reject(server_round, node, f"update norm is {norm}")
                 return None
-            if check_norm and self.norm_bound is not None and norm > self.norm_bound:
+            if self.norm_bound is not None and norm > self.norm_bound:
                 counts[METRIC_REJECTED] += 1
                 counts[METRIC_REJECTED_NORM] += 1
                 reason = f"update norm {norm:.6g} exceeds the bound {self.norm_bound:g}"
                 self._reject(server_round, node, reason, kind="norm")
                 return None
-        return weight, update, norm
+        return weight, payload, norm
+
+    def _rebuild_check(self, payload: Payload) -> float:
+        """Rebuild the tensors that need it, one at a time; return the norm (NaN without a bound).
+
+        Raises
+        ------
+        _Rejected
+            If a tensor rebuilds to NaN/Inf.
+        """
+        total = 0.0
+        try:
+            for rec in payload.records:
+                if self.bounds_norm:
+                    total += float(reconstruct(rec).to(torch.float64).square().sum())
+                elif not rebuild_is_finite(rec):
+                    reconstruct(rec)  # raises PayloadError on NaN/Inf
+        except PayloadError as exc:
+            raise _Rejected(f"invalid payload: {exc}") from None
+        return math.sqrt(total) if self.bounds_norm else math.nan
 
     def _decode_reply(
         self,
         msg: Message,
         specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
         limit: int,
-    ) -> tuple[float, dict[str, torch.Tensor]]:
+    ) -> tuple[float, Payload]:
         content = msg.content
         weight = _reply_weight(content, self.weighted_by_key)
         if PAYLOAD_RECORD_KEY not in content.array_records:
@@ -606,13 +663,12 @@ class OSDStrategy(Strategy):
         try:
             blob = record_to_payload(content.array_records[PAYLOAD_RECORD_KEY], max_bytes=limit)
             payload = decode(blob, expected=specs, max_bytes=limit, method=self.config.method)
-            # reconstruct() raises PayloadError on any NaN/Inf in what it rebuilds.
-            update: dict[str, torch.Tensor] = dict(iter_tensors(payload))
         except PayloadError as exc:
             raise _Rejected(f"invalid payload: {exc}") from None
-        if set(update) != set(specs):
-            raise _Rejected(f"payload tensors {sorted(update)} do not match the model's {sorted(specs)}")
-        return weight, update
+        names = [rec.name for rec in payload.records]
+        if len(names) != len(set(names)) or set(names) != set(specs):
+            raise _Rejected(f"payload tensors {sorted(names)} do not match the model's {sorted(specs)}")
+        return weight, payload
 
     def _client_metrics(self, accepted: list[Message]) -> MetricRecord:
         contents = [m.content for m in accepted]
@@ -701,17 +757,30 @@ def _printable(text: str, limit: int = _REASON_CHARS) -> str:
     return out + (f"... [{len(text) - limit} more characters]" if len(text) > limit else "")
 
 
-def _update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all tensors of ``update`` together, in float64."""
-    total = 0.0
-    for tensor in update.values():
-        total += float(tensor.to(torch.float64).square().sum())
-    return math.sqrt(total)
+def _accumulate(acc: dict[str, torch.Tensor], payload: Payload, weight: float) -> None:
+    """Add ``weight`` x each rebuilt tensor to its float64 sum, one tensor alive at a time.
+
+    The reply passed :meth:`OSDStrategy._rebuild_check`, so no tensor can fail
+    here; if one still did, half of the reply would be in the sum, so the
+    round is abandoned (the caller keeps the global model) rather than
+    continued.
+    """
+    for rec in payload.records:
+        try:
+            delta = reconstruct(rec)
+        except PayloadError as exc:  # pragma: no cover - excluded by _rebuild_check
+            raise RuntimeError(f"tensor {rec.name!r} failed to rebuild after validation: {exc}") from exc
+        acc[rec.name].add_(delta, alpha=weight)  # computed in float64 without a float64 copy
+        del delta
 
 
-def _accumulate(acc: dict[str, torch.Tensor], update: Mapping[str, torch.Tensor], weight: float) -> None:
-    for name, delta in update.items():
-        acc[name].add_(delta.to(torch.float64), alpha=weight)
+def _plain_fedavg(strategy: Strategy) -> bool:
+    """Whether ``strategy`` aggregates arrays exactly as Flower's FedAvg does (a subclass may not)."""
+    return isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
+
+
+def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    return array if array.flags.writeable else array.copy()
 
 
 def _reply_weight(content: RecordDict, key: str) -> float:

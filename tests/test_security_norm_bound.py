@@ -6,7 +6,6 @@ import logging
 import math
 import statistics
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,9 +15,19 @@ from flwr.serverapp.strategy import FedAvg
 import osd_fl.codec
 import strategies.osd_strategy as osd_strategy_module
 from osd_fl import ConfigError, compress, decompress
-from osd_fl.payload import Payload
+from osd_fl.payload import TensorRecord
 from strategies import OSDStrategy
-from tests.test_faults_strategy import CFG, assert_model, blob, configure, counts, delta, payload_reply, reference
+from tests.test_faults_strategy import (
+    CFG,
+    SHAPES,
+    assert_model,
+    blob,
+    configure,
+    counts,
+    delta,
+    payload_reply,
+    reference,
+)
 
 #: Replies 0..4 are ordinary updates; reply 5 is 40 times larger (a scaled, well-formed update).
 OUTLIER = compress({k: 40.0 * v for k, v in delta(5).items()}, config=CFG)
@@ -113,28 +122,33 @@ def test_absolute_then_relative() -> None:
     assert_model(arrays, reference([(BLOBS[i], WEIGHTS[i]) for i in range(5)]))
 
 
-def test_relative_bound_decodes_twice_but_keeps_one_update_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The documented cost: two decodes per kept reply, memory still O(model)."""
+def test_bounds_rebuild_twice_but_keep_one_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented cost: each tensor of a kept reply is rebuilt twice (measure, then add), one alive at a time."""
     alive: list[weakref.ref[torch.Tensor]] = []
     leaked: list[int] = []
-    real = osd_fl.codec.iter_tensors
+    real = osd_fl.codec.reconstruct
 
-    def tracking(payload: Payload) -> Iterator[tuple[str, torch.Tensor]]:
+    def tracking(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
         leaked.append(sum(ref() is not None for ref in alive))
-        for name, tensor in real(payload):
-            alive.append(weakref.ref(tensor))
-            yield name, tensor
+        tensor = real(rec, device)
+        alive.append(weakref.ref(tensor))
+        return tensor
 
-    monkeypatch.setattr(osd_strategy_module, "iter_tensors", tracking)
+    monkeypatch.setattr(osd_strategy_module, "reconstruct", tracking)
+    tensors = len(SHAPES)
     strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
     arrays, _ = _round(strategy, [0, 1, 2, 3, 4, 5])
     assert arrays is not None
-    assert len(leaked) == 6 + 5  # pass 1: every reply; pass 2: the five within the bound
+    assert len(leaked) == (6 + 5) * tensors  # pass 1 measures every reply; pass 2 adds the five within the bound
     assert leaked == [0] * len(leaked)
     leaked.clear()
-    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound=1e9)  # absolute only: a single pass
+    strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound=1e9)  # absolute only: one pass, two rebuilds
     _round(strategy, [0, 1, 2])
-    assert leaked == [0, 0, 0]
+    assert leaked == [0] * (3 * 2 * tensors)
+    leaked.clear()
+    strategy = OSDStrategy(FedAvg(), config=CFG)  # no bound: float32 tensors are rebuilt once, to be added
+    _round(strategy, [0, 1, 2])
+    assert leaked == [0] * (3 * tensors)
 
 
 @pytest.mark.parametrize(

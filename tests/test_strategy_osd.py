@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError, compress, decompress, payload_budget
 from osd_fl.codec import encode
 from osd_fl.compressor import dense_record
-from osd_fl.payload import Payload
+from osd_fl.payload import Payload, TensorRecord
 from osd_fl.records import (
     PAYLOAD_RECORD_KEY,
     payload_to_record,
@@ -190,24 +190,69 @@ def test_fedadam_inner_strategy_steps_from_the_decoded_average() -> None:
         assert not torch.allclose(got["fc1.weight"], fedavg_step["fc1.weight"], atol=1e-4)  # Adam, not FedAvg
 
 
-def test_decoded_updates_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memory O(model): when a reply is decoded, no tensor decoded for an earlier reply is alive."""
+def test_decoded_tensors_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory O(model): whenever a tensor is rebuilt, no tensor rebuilt before it is alive.
+
+    The strategy holds the float64 sums and one rebuilt tensor, never a whole
+    decoded update (nor one of an earlier reply).
+    """
     alive: list[weakref.ref[torch.Tensor]] = []
     leaked: list[int] = []
-    real = osd_fl.codec.iter_tensors
+    real = osd_fl.codec.reconstruct
 
-    def tracking(payload: Payload) -> Iterator[tuple[str, torch.Tensor]]:
+    def tracking(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
         leaked.append(sum(ref() is not None for ref in alive))
-        for name, tensor in real(payload):
-            alive.append(weakref.ref(tensor))
-            yield name, tensor
+        tensor = real(rec, device)
+        alive.append(weakref.ref(tensor))
+        return tensor
 
-    monkeypatch.setattr(osd_strategy_module, "iter_tensors", tracking)
-    strategy = OSDStrategy(FedAvg(), config=CFG)
-    msgs = _configure(strategy, 6)
-    arrays, _ = strategy.aggregate_train(1, [_osd_reply(m, _trained(i), 10) for i, m in enumerate(msgs)])
-    assert arrays is not None
-    assert leaked == [0] * 6
+    monkeypatch.setattr(osd_strategy_module, "reconstruct", tracking)
+    for kwargs in ({}, {"norm_bound": 1e6}, {"norm_bound_relative": 10.0}):
+        alive.clear()
+        leaked.clear()
+        strategy = OSDStrategy(FedAvg(), config=CFG, **kwargs)  # type: ignore[arg-type]
+        msgs = _configure(strategy, 6)
+        arrays, _ = strategy.aggregate_train(1, [_osd_reply(m, _trained(i), 10) for i, m in enumerate(msgs)])
+        assert arrays is not None
+        passes = 1 if not kwargs else 2  # a norm bound rebuilds each tensor once more to measure it
+        assert len(leaked) == passes * 6 * len(SHAPES), kwargs
+        assert leaked == [0] * len(leaked), kwargs
+
+
+class _LoggingFedAvg(FedAvg):
+    """A FedAvg subclass with its own aggregate_train: the wrapper must call it."""
+
+    calls = 0
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        type(self).calls += 1
+        return super().aggregate_train(server_round, replies)
+
+
+def test_plain_fedavg_shortcut_matches_fedavg_exactly() -> None:
+    """With FedAvg the wrapper skips the inner array averaging (w / w = 1.0); the result is bit-identical."""
+    _LoggingFedAvg.calls = 0
+    results = []
+    for inner in (FedAvg(), _LoggingFedAvg()):
+        strategy = OSDStrategy(inner, config=CFG)
+        msgs = _configure(strategy, 4)
+        arrays, metrics = strategy.aggregate_train(1, [_osd_reply(m, _trained(i), 3 + i) for i, m in enumerate(msgs)])
+        assert arrays is not None and metrics is not None
+        results.append((_tensors(arrays), dict(metrics.items())))
+    assert _LoggingFedAvg.calls == 1
+    (fast, fast_metrics), (slow, slow_metrics) = results
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert fast[name].dtype == slow[name].dtype
+        assert torch.equal(fast[name], slow[name]), name
+    assert fast_metrics.keys() == slow_metrics.keys()
+    timed = {k for k in fast_metrics if k.endswith("-s")}  # the clients' measured compression time
+    assert timed == {"osd-compress-s"}
+    assert {k: v for k, v in fast_metrics.items() if k not in timed} == {
+        k: v for k, v in slow_metrics.items() if k not in timed
+    }
 
 
 # --- malformed replies --------------------------------------------------------------------
