@@ -967,7 +967,7 @@ def section_server(args: argparse.Namespace) -> None:
         "RSS before it (global model and all replies already resident); single-threaded Python loop plus torch ops"
     )
     for mode, title in (
-        ("strategy", "OSDStrategy.aggregate_train (validation, float64 accumulator, new ArrayRecord, FedAvg)"),
+        ("strategy", "OSDStrategy(FedAvg()).aggregate_train (validation, float64 sums, new ArrayRecord)"),
         ("loop", "decode(blob, expected) + iter_tensors into float32 accumulators (the core loop alone)"),
     ):
         rows = []
