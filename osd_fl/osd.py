@@ -25,6 +25,9 @@ re-selects B after A is masked (measure before enabling: see docs);
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
@@ -81,7 +84,7 @@ def _masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
 
 #: Bytes of one row block of ``M`` in :func:`candidate_errors` with ``Z`` on CPU: the blocks of ``M``,
 #: ``Z`` and ``Z * M`` stay in cache while both products read them, so each is read from memory once.
-BLOCK_BYTES = 1 << 18
+BLOCK_BYTES = 1 << 21
 
 
 def candidate_errors(
@@ -132,22 +135,24 @@ def candidate_errors(
     dtype = candidates[0][0].dtype
     m = mat.to(dtype)
     n, d = m.shape
-    b_all_t = torch.cat([b for _, b in candidates], dim=0).T.contiguous()  # d x sum(k_c)
+    ks = tuple(int(b.shape[0]) for _, b in candidates)
+    offsets = [0, *itertools.accumulate(ks)]
+    a_all = torch.cat([a for a, _ in candidates], dim=1)  # n x sum(k_c)
+    b_all = torch.cat([b for _, b in candidates], dim=0)  # sum(k_c) x d
+    b_all_t = b_all.T.contiguous()
+    a64 = a_all.to(torch.float64)
     base = 0.0
-    pair_q: torch.Tensor | None = None
-    pair_index: list[tuple[torch.Tensor, torch.Tensor]] = []
     if z is None:
         proj = (m @ b_all_t).to(torch.float64)  # n x sum(k_c): one pass over M
         if include_base:
             base = float(torch.dot(m.reshape(-1), m.reshape(-1)))
+        b64 = b_all.to(torch.float64)
+        gram = (a64.T @ a64) * (b64 @ b64.T)  # the diagonal blocks are the candidates' last terms
+        quads = [float(gram[o : o + k, o : o + k].sum()) for o, k in zip(offsets, ks, strict=False)]
     else:
+        ki, li, weight, owner = _pair_index(ks, a_all.device)
+        pairs_t = (b_all[ki] * b_all[li]).T.contiguous()  # d x (pairs of every candidate)
         zc = z.to(dtype)
-        rows = []
-        for _, b in candidates:
-            ki, li = torch.triu_indices(b.shape[0], b.shape[0], device=b.device)
-            pair_index.append((ki, li))
-            rows.append(b[ki] * b[li])
-        pairs_t = torch.cat(rows, dim=0).T.contiguous()  # d x sum(k_c (k_c + 1) / 2)
         proj32 = torch.empty(n, b_all_t.shape[1], dtype=dtype, device=m.device)
         pair32 = torch.empty(n, pairs_t.shape[1], dtype=dtype, device=m.device)
         step = n if m.is_cuda else max(1, min(n, BLOCK_BYTES // max(1, d * m.element_size())))
@@ -162,25 +167,36 @@ def candidate_errors(
                 base_t += torch.dot(wb.reshape(-1), mb.reshape(-1)).to(torch.float64)
         base = float(base_t)
         proj = proj32.to(torch.float64)
-        pair_q = pair32.to(torch.float64)
-    out: list[float] = []
-    col = pcol = 0
-    for j, (a, b) in enumerate(candidates):
-        k = b.shape[0]
-        a64 = a.to(torch.float64)
-        cross = float((a64 * proj[:, col : col + k]).sum())
-        if pair_q is None:
-            b64 = b.to(torch.float64)
-            quad = float(((a64.T @ a64) * (b64 @ b64.T)).sum())
-        else:
-            ki, li = pair_index[j]
-            npairs = int(ki.numel())
-            weight = torch.where(ki == li, 1.0, 2.0).to(torch.float64)
-            quad = float(((a64[:, ki] * a64[:, li] * pair_q[:, pcol : pcol + npairs]).sum(dim=0) * weight).sum())
-            pcol += npairs
-        out.append(base - 2.0 * cross + quad)
-        col += k
-    return out
+        per_pair = (a64[:, ki] * a64[:, li] * pair32.to(torch.float64)).sum(dim=0) * weight
+        quad_t = torch.zeros(len(ks), dtype=torch.float64, device=m.device).index_add_(0, owner, per_pair)
+        quads = quad_t.tolist()
+    per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
+    return [
+        base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)
+    ]
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_index_cpu(ks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ki_parts, li_parts, owner_parts = [], [], []
+    offset = 0
+    for j, k in enumerate(ks):
+        ki, li = torch.triu_indices(k, k)
+        ki_parts.append(ki + offset)
+        li_parts.append(li + offset)
+        owner_parts.append(torch.full((ki.numel(),), j, dtype=torch.long))
+        offset += k
+    ki_all, li_all = torch.cat(ki_parts), torch.cat(li_parts)
+    weight = torch.where(ki_all == li_all, 1.0, 2.0).to(torch.float64)
+    return ki_all, li_all, weight, torch.cat(owner_parts)
+
+
+def _pair_index(
+    ks: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row pairs ``k <= l`` of every candidate in the stacked factors: indices, weight (1 or 2), candidate."""
+    parts = _pair_index_cpu(ks)
+    return parts if device.type == "cpu" else tuple(t.to(device) for t in parts)  # type: ignore[return-value]
 
 
 class SparseLowRank(Compressor):

@@ -4,6 +4,7 @@ One runner, four sections (issue 6); every table in ``docs/performance.md``
 is printed by one of these commands::
 
     python -m simulations.bench_perf --section client   # 1. compression cost per method (MiniLM, BERT, LLaMA)
+    python -m simulations.bench_perf --section split    # 1b. OSD's steps timed one by one on single matrices
     python -m simulations.bench_perf --section server   # 2. server decode + aggregation, N = 10 .. 1000 clients
     python -m simulations.bench_perf --section codec    # 3. bytes vs the paper's formula and dense, framing, MB/s
     python -m simulations.bench_perf --section round    # 4. wall time of a simulated round, OSD vs dense FedAvg
@@ -64,7 +65,7 @@ from osd_fl.codec import iter_tensors
 from osd_fl.payload import Kind, TensorRecord
 from simulations.bench_codec import synthetic_update
 
-SECTIONS = ("client", "server", "codec", "round")
+SECTIONS = ("client", "split", "server", "codec", "round")
 MB = 1024.0**2
 GB = 1024.0**3
 
@@ -204,6 +205,49 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             self.peak = _status_kib("VmHWM") * 1024 - self.base
+
+
+class PeakSite:
+    """Where the resident set peaks: a thread samples RSS and the main thread's stack every 0.5 ms.
+
+    Reports the innermost frame of osd-fl or Flower code at the highest
+    sample (``function:line``). Sampling can miss a peak shorter than the
+    interval, so this names the phase, while :class:`PeakMemory` gives the
+    exact high-water mark.
+    """
+
+    def __init__(self, interval: float = 0.0005) -> None:
+        import threading
+
+        self.interval = interval
+        self.best = -1
+        self.site = "?"
+        self._main = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = rss_bytes()
+            if rss > self.best:
+                frame = sys._current_frames().get(self._main)
+                site = "?"
+                while frame is not None:
+                    path = frame.f_code.co_filename
+                    if any(part in path for part in ("/osd_fl/", "/strategies/", "/flwr/")):
+                        site = f"{frame.f_code.co_name}:{frame.f_lineno}"
+                        break
+                    frame = frame.f_back
+                self.best, self.site = rss, site
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSite:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_child(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -591,9 +635,10 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
         out["seconds"] = time.perf_counter() - t0
     else:
         out["rss_before"] = rss_bytes()
-        with PeakMemory(torch.device("cpu")) as mem:
+        with PeakMemory(torch.device("cpu")) as mem, PeakSite() as site:
             out["accepted"] = aggregate()
         out["peak"] = mem.peak
+        out["peak_at"] = site.site
     out["load_end"] = load1()
     return out
 
@@ -951,6 +996,130 @@ def _repeat(fn: Callable[[], Any], reps: int) -> list[float]:
     return out
 
 
+# ----------------------------------------------------------------------------- 1b. split
+
+#: Matrix shapes of the split section: MiniLM (384 x 384, 1536 x 384), BERT-base (3072 x 768), LLaMA-7B.
+SPLIT_SHAPES = [(384, 384), (1536, 384), (3072, 768), (4096, 4096), (11008, 4096)]
+SPLIT_SHAPES_QUICK = [(384, 384), (1536, 384), (1024, 1024)]
+
+
+def _split_case(n: int, d: int, cfg: Any, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median ms of each step of OSD adaptive c (and of the totals) on one synthetic ``n x d`` matrix."""
+    import osd_fl.osd as osd_module
+    from osd_fl.budget import LOWRANK_OVERHEAD
+    from osd_fl.selection import select
+    from osd_fl.svd import split_factors, truncated_svd
+
+    r, cmax = cfg.rank, cfg.relax
+    mat, z = llama_update(n, d, 11, device, None, None)
+    budget = r * (n + d) * cfg.value_bytes - LOWRANK_OVERHEAD
+    gen = torch.Generator(device=device)
+
+    def svd(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen.manual_seed(0)
+        return truncated_svd(mat, k, mode=cfg.svd, oversample=cfg.oversample, niter=cfg.niter, generator=gen)
+
+    a_max, b_max = split_factors(*svd(r + cmax), r + cmax)
+    scored = osd_module.damage_scores(a_max, b_max, z, cfg.damage)
+    approx: list[tuple[torch.Tensor, torch.Tensor]] = [(a_max[:, :r].contiguous(), b_max[:r])]
+    for c in range(1, cmax + 1):
+        k = r + c
+        pos_a, pos_b = select([scored[0][:, :k], scored[1][:k]], cfg.value_bytes, budget)
+        approx.append((osd_module._masked(a_max[:, :k].contiguous(), pos_a), osd_module._masked(b_max[:k], pos_b)))
+
+    def errors(block: int) -> Callable[[], Any]:
+        def run() -> Any:
+            saved = osd_module.BLOCK_BYTES
+            osd_module.BLOCK_BYTES = block
+            try:
+                return osd_module.candidate_errors(mat, z, approx, include_base=False)
+            finally:
+                osd_module.BLOCK_BYTES = saved
+
+        return run
+
+    def selections() -> None:
+        for c in range(1, cmax + 1):
+            select([scored[0][:, : r + c], scored[1][: r + c]], cfg.value_bytes, budget)
+
+    steps: dict[str, Callable[[], Any]] = {
+        "truncsvd": lambda: compress({"w": mat}, config=cfg, method="truncsvd"),
+        "osd adaptive": lambda: compress({"w": mat}, config=cfg, importance={"w": z}),
+        "osd fixed": lambda: compress({"w": mat}, config=cfg, importance={"w": z}, adaptive=False),
+        "svd r": lambda: svd(r),
+        "svd r+c": lambda: svd(r + cmax),
+        "scores": lambda: osd_module.damage_scores(a_max, b_max, z, cfg.damage),
+        "selections": selections,
+        "errors": errors(osd_module.BLOCK_BYTES),
+        "errors 256K": errors(1 << 18),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for fn in steps.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t, _ = timed(fn, device)
+            times[name].append(t * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def section_split(args: argparse.Namespace) -> None:
+    """Where OSD's time goes on one matrix: the steps of ``encode_matrix`` timed one by one."""
+    import osd_fl.osd as osd_module
+    from osd_fl import CompressionConfig
+
+    header("1b. Where OSD's time goes: the steps of adaptive c on one matrix (weighted path)", args)
+    cfg = CompressionConfig(rank=args.rank)
+    r, cmax = cfg.rank, cfg.relax
+    device = torch.device(args.device)
+    print(
+        f"rank r={r}, c_max={cmax}, randomized SVD (oversample {cfg.oversample}, niter {cfg.niter}) where "
+        f"`auto` picks it; importance map as in the LLaMA case; median of {args.repeats} interleaved repeats, ms. "
+        "`rest` = OSD adaptive total minus the timed steps (policy, records, masks, encoding)."
+    )
+    rows = []
+    for n, d in SPLIT_SHAPES_QUICK if args.quick else SPLIT_SHAPES:
+        quiet = wait_quiet(f"split {n}x{d}")
+        med = _split_case(n, d, cfg, device, args.repeats)
+        gc.collect()
+        rest = med["osd adaptive"] - med["svd r+c"] - med["scores"] - med["selections"] - med["errors"]
+        rows.append(
+            [
+                f"{n}x{d}",
+                f"{med['truncsvd']:.1f}",
+                f"{med['osd fixed']:.1f} ({med['osd fixed'] / med['truncsvd']:.2f}x)",
+                f"{med['osd adaptive']:.1f} ({med['osd adaptive'] / med['truncsvd']:.2f}x)",
+                f"{med['svd r']:.1f}",
+                f"{med['svd r+c']:.1f}",
+                f"{med['scores']:.1f}",
+                f"{med['selections']:.1f}",
+                f"{med['errors']:.1f}",
+                f"{med['errors 256K']:.1f}",
+                f"{rest:.1f}",
+                quiet.split(",")[0],
+            ]
+        )
+    block_kib = osd_module.BLOCK_BYTES // 1024
+    print_table(
+        [
+            "matrix",
+            "TruncSVD total",
+            "OSD fixed c total",
+            "OSD adaptive c total",
+            f"SVD rank {r}",
+            f"SVD rank {r + cmax}",
+            "damage scores",
+            f"{cmax} selections",
+            f"candidate errors ({block_kib:,} KiB blocks)",
+            "candidate errors (256 KiB blocks)",
+            "rest",
+            "load at start",
+        ],
+        rows,
+    )
+    print(f"load average (1 min) at end: {load1():.2f}")
+
+
 # ----------------------------------------------------------------------------- 2. server
 
 
@@ -961,6 +1130,7 @@ def section_server(args: argparse.Namespace) -> None:
         if args.quick
         else [("minilm", [10, 100, 1000]), ("bert-base", [10, 100])]
     )
+    cases = [(m, [n for n in ns if args.clients is None or n in args.clients]) for m, ns in cases if m in args.models]
     print(
         f"method osd, rank r={args.rank}; replies built from {args.distinct} distinct client payloads "
         "(each reply holds its own copy of the bytes); peak = RSS high-water mark during aggregation minus "
@@ -1000,6 +1170,7 @@ def section_server(args: argparse.Namespace) -> None:
                         fmt_mb(res["rss_before"]),
                         fmt_mb(res["peak"]),
                         f"{res['peak'] / res['model_bytes']:.2f}",
+                        res["peak_at"],
                         str(res["accepted"]),
                         f"{quiet.split(',')[0]} / {res['load_end']:.2f}",
                     ]
@@ -1017,6 +1188,7 @@ def section_server(args: argparse.Namespace) -> None:
                 "RSS before MB",
                 "peak beyond MB",
                 "peak / model",
+                "peak at (sampled)",
                 "accepted",
                 "load start / end",
             ],
@@ -1188,14 +1360,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     ap.add_argument("--distinct", type=int, default=8, help="server: distinct client payloads cycled over N replies")
     ap.add_argument(
-        "--models", default="minilm,bert-base,llama", help="client section: comma-separated subset of the updates"
+        "--models",
+        default="minilm,bert-base,llama",
+        help="client and server sections: comma-separated subset of the models (server: minilm, bert-base)",
     )
+    ap.add_argument("--clients", default=None, help="server section: comma-separated subset of N (e.g. 10,100)")
     ap.add_argument("--max-load", type=float, default=1.2, help="wait for a 1-min load average below this")
     ap.add_argument("--max-busy", type=float, default=0.15, help="... and for others' CPU use below this share")
     ap.add_argument("--max-wait", type=float, default=1200.0, help="seconds to wait for that before each case")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.models = set(args.models.split(","))
+    args.clients = None if args.clients is None else {int(n) for n in args.clients.split(",")}
     QUIET.update(max_load=args.max_load, max_busy=args.max_busy, max_wait=args.max_wait)
     if args.child:
         child_main(args.child)
@@ -1203,8 +1379,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.device = str(resolve_device(args.device))  # children get "cpu" or "cuda", never "auto"
     sections = SECTIONS if args.section == "all" else (args.section,)
-    runners = {"client": section_client, "server": section_server, "codec": section_codec, "round": section_round}
-    for s in ("client", "codec", "server", "round"):
+    runners = {
+        "client": section_client,
+        "split": section_split,
+        "server": section_server,
+        "codec": section_codec,
+        "round": section_round,
+    }
+    for s in ("client", "split", "codec", "server", "round"):
         if s in sections:
             runners[s](args)
 
