@@ -64,6 +64,7 @@ from osd_fl.budget import paper_bits
 from osd_fl.codec import iter_tensors
 from osd_fl.payload import Kind, TensorRecord
 from simulations.bench_codec import synthetic_update
+from simulations.devices import resolve_device
 
 SECTIONS = ("client", "split", "server", "codec", "round")
 MB = 1024.0**2
@@ -150,12 +151,6 @@ def header(title: str, args: argparse.Namespace) -> None:
         f"python {m['python']}; device {args.device}" + (f" ({m['gpu']})" if "gpu" in m else "")
     )
     print(f"load average (1 min) at start: {load1():.2f}; quick={args.quick}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sync(device: torch.device) -> None:

@@ -97,6 +97,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the installed versi
 
 from osd_fl.config import check_literal_fields, fields_from_mapping
 from osd_fl.errors import ConfigError
+from simulations.devices import resolve_device
 
 __all__ = [
     "LABEL_NAMES",
@@ -444,25 +445,6 @@ class TextTaskConfig:
     def trained_layers(self) -> int:
         """Number of BertLayers trained (of MiniLM's 6)."""
         return max(6 - self.frozen_layers, 0)
-
-
-def resolve_device(device: str) -> torch.device:
-    """Turn ``"auto"`` into ``cuda`` when available, else ``cpu``.
-
-    Parameters
-    ----------
-    device
-        ``"auto"`` or any string :class:`torch.device` accepts.
-
-    Returns
-    -------
-    torch.device
-        The device to use.
-
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------
