@@ -52,6 +52,7 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "topk": {"method": "topk"},
     "topk+ef": {"method": "topk", "error_feedback": True},
     "truncsvd": {"method": "truncsvd"},
+    "truncsvd+ef": {"method": "truncsvd", "error_feedback": True},
     "magtruncsvd": {"method": "magtruncsvd"},
     "powersgd+ef": {"method": "powersgd", "error_feedback": True},
     "osd": {"method": "osd"},
@@ -150,10 +151,11 @@ PRESETS: dict[str, SweepConfig] = {
         rounds=20,
         task={"num_clients": 8, "local_steps": 10},
     ),
-    # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds (10 runs, about 12 min).
+    # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds
+    # (14 runs, about 8 min when the CPU is free).
     "noniid": SweepConfig(
         name="noniid",
-        methods=("dense", "truncsvd", "magtruncsvd", "osd", "osd+ef"),
+        methods=("dense", "truncsvd", "truncsvd+ef", "magtruncsvd", "powersgd+ef", "osd", "osd+ef"),
         ranks=(1,),
         seeds=(0, 1),
         rounds=20,
