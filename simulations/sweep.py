@@ -161,13 +161,13 @@ PRESETS: dict[str, SweepConfig] = {
         rounds=20,
         task={"num_clients": 8, "local_steps": 10, "partitioning": "dirichlet", "alpha": 0.5},
     ),
-    # Two trained layers (frozen_layers=4): a larger, less compressible update; rank 1, one seed
-    # (3 runs, about 10 min plus a one-time activation cache).
+    # Two trained layers (frozen_layers=4): a larger, less compressible update; rank 1, two seeds
+    # (12 runs, about 15 min plus a one-time activation cache).
     "twolayer": SweepConfig(
         name="twolayer",
-        methods=("dense", "truncsvd", "osd"),
+        methods=("dense", "truncsvd", "truncsvd+ef", "powersgd+ef", "osd", "osd+ef"),
         ranks=(1,),
-        seeds=(0,),
+        seeds=(0, 1),
         rounds=10,
         task={"num_clients": 8, "local_steps": 10, "frozen_layers": 4},
     ),
