@@ -68,6 +68,7 @@ __all__ = [
     "STATE_COMPRESSOR_KEY",
     "STATE_RESIDUAL_KEY",
     "WEIGHT_KEY",
+    "array_to_tensor",
     "config_from_record",
     "config_to_record",
     "has_config",
@@ -381,13 +382,16 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return numpy_to_record(out)
 
 
-def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies).
+def array_to_tensor(array: Array) -> torch.Tensor:
+    """One Flower ``Array`` as a writable tensor of its own.
 
     ``Array.numpy()`` already deserializes into a new array, so this copies
     only where numpy handed back a read-only one.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, arr in record_to_numpy(record).items():
-        out[name] = torch.from_numpy(arr if arr.flags.writeable else np.array(arr, copy=True))
-    return out
+    arr = array.numpy()
+    return torch.from_numpy(arr if arr.flags.writeable else np.array(arr, copy=True))
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies, one tensor deserialized at a time)."""
+    return {name: array_to_tensor(array) for name, array in record.items()}

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from flwr.app import (
     DEFAULT_TTL,
@@ -85,6 +84,7 @@ from osd_fl.records import (
     METRIC_REJECTED_NORM,
     PAYLOAD_RECORD_KEY,
     WEIGHT_KEY,
+    array_to_tensor,
     config_to_record,
     record_specs,
     record_to_payload,
@@ -556,7 +556,7 @@ class OSDStrategy(Strategy):
             if name not in acc:
                 out[name] = array  # integer buffers: the same (immutable) Array
                 continue
-            current = torch.from_numpy(_writable(array.numpy()))
+            current = array_to_tensor(array)
             step = acc.pop(name).mul_(scale)
             new = step.add_(current).to(current.dtype)  # in float64, then the model's dtype
             del step
@@ -777,10 +777,6 @@ def _accumulate(acc: dict[str, torch.Tensor], payload: Payload, weight: float) -
 def _plain_fedavg(strategy: Strategy) -> bool:
     """Whether ``strategy`` aggregates arrays exactly as Flower's FedAvg does (a subclass may not)."""
     return isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
-
-
-def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    return array if array.flags.writeable else array.copy()
 
 
 def _reply_weight(content: RecordDict, key: str) -> float:
