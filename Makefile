@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow lint bench clean
+.PHONY: install demo test test-fast test-shuffled test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 	$(BIN)/python -m pytest -m slow
+
+# The default suite again, shuffled (seed printed in the header) and with one torch thread
+# (the session default is the machine's count), then reversed with two.
+test-shuffled: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q --test-order=random --torch-threads=1
+	$(BIN)/python -m pytest -m "not slow" -q --test-order=reverse --torch-threads=2
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x -q

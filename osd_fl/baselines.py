@@ -25,6 +25,7 @@ from osd_fl.compressor import (
     Compressor,
     CompressorState,
     MatrixItem,
+    RecordForm,
     dense_record,
     item_generator,
     lowrank_record,
@@ -50,6 +51,10 @@ class Dense(Compressor):
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
         """Dense record of the matrix."""
         return dense_record(item.name, item.mat.reshape(item.shape), item.dtype)
+
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """Every value."""
+        return RecordForm(Kind.DENSE)
 
 
 @register
@@ -90,6 +95,10 @@ class Int8(Compressor):
             name=item.name, shape=item.shape, dtype=item.dtype, kind=Kind.QUANT8, block=block, scales=scales, qvalues=q
         )
 
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """int8 values in blocks of ``int8_block`` (one block for the whole matrix when 0 or larger)."""
+        return RecordForm(Kind.QUANT8, block=min(self.config.int8_block or n * d, n * d))
+
 
 @register
 class TruncSVD(Compressor):
@@ -110,6 +119,10 @@ class TruncSVD(Compressor):
         )
         a, b = split_factors(u, s, vh, int(s.numel()))
         return lowrank_record(item, a, b)
+
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """Whole factors at rank ``min(r, n, d)`` at most."""
+        return RecordForm(Kind.LOWRANK, max_rank=min(self.config.rank, n, d), full_factors=True)
 
 
 @register
@@ -154,6 +167,10 @@ class TopK(Compressor):
         positions = select([i.mat.abs() for i in items], self.config.value_bytes, budget - SPARSE_OVERHEAD * len(items))
         return [_sparse_record(item, pos) for item, pos in zip(items, positions, strict=True)]
 
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """A sparse set of entries."""
+        return RecordForm(Kind.SPARSE)
+
 
 @register
 class PowerSGD(Compressor):
@@ -173,3 +190,7 @@ class PowerSGD(Compressor):
         q = item.mat.T @ p
         state.tensors[key] = q.detach()
         return lowrank_record(item, p, q.T)
+
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """Whole factors ``P`` and ``Q^T`` at rank ``min(r, n, d)``."""
+        return RecordForm(Kind.LOWRANK, max_rank=min(self.config.rank, n, d), full_factors=True)

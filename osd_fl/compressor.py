@@ -31,6 +31,7 @@ __all__ = [
     "Compressor",
     "CompressorState",
     "MatrixItem",
+    "RecordForm",
     "get_compressor",
     "lowrank_record",
     "register",
@@ -128,6 +129,25 @@ def dense_record(name: str, tensor: torch.Tensor, dtype: str) -> TensorRecord:
     )
 
 
+@dataclass(frozen=True)
+class RecordForm:
+    """What a correct client of a method sends for one compressed matrix.
+
+    The receiver checks every record against it
+    (:func:`osd_fl.checks.check_conformance`): a record of another kind, or
+    one of a larger rank, cannot come from a correct client, whatever its
+    bytes say.
+    """
+
+    kind: Kind
+    #: LOWRANK: the largest inner dimension the method uses for this matrix.
+    max_rank: int = 0
+    #: LOWRANK: whether the factors travel whole (no positions); False = either.
+    full_factors: bool = False
+    #: QUANT8: the one block size the method uses for this matrix (0 = any).
+    block: int = 0
+
+
 class Compressor(ABC):
     """Base class of a compression method.
 
@@ -156,6 +176,10 @@ class Compressor(ABC):
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """Compress several matrices sharing ``budget`` kind-specific bytes in total."""
         raise ConfigError(f"method {self.name!r} does not support budget='global'")
+
+    @abstractmethod
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """The record this method produces for an ``n x d`` matrix it compresses (see :class:`RecordForm`)."""
 
 
 _C = TypeVar("_C", bound=type[Compressor])

@@ -33,6 +33,8 @@ from typing import Any, Literal, get_args
 from osd_fl.errors import ConfigError
 
 __all__ = [
+    "LIMITS",
+    "MAX_RANK",
     "CompressionConfig",
     "ImportanceForm",
     "ValueDType",
@@ -46,6 +48,35 @@ ImportanceForm = Literal["grad", "taylor", "fisher", "ones", "adam"]
 BudgetMode = Literal["matrix", "global"]
 EmbeddingPolicy = Literal["compress", "dense", "skip"]
 SVDMode = Literal["auto", "exact", "randomized"]
+
+
+#: Largest rank (and rank + relax) a record can carry: the wire stores it as u16.
+MAX_RANK = 65535
+
+#: ``(lowest, highest)`` accepted value of every numeric setting. The ceilings are
+#: what a client can run in reasonable time and memory, not tuning advice.
+LIMITS: dict[str, tuple[int, int]] = {
+    "rank": (1, MAX_RANK),
+    "relax": (0, 64),
+    "budget_bytes": (0, 2**40),
+    "importance_batches": (1, 10_000),
+    "min_numel": (0, 2**62),
+    "int8_block": (0, 2**31 - 1),
+    "oversample": (0, 1024),
+    "niter": (0, 64),
+    "seed": (0, 2**63 - 1),
+}
+_LIMIT_WHY = {
+    "rank": "the wire's u16 rank",
+    "relax": "each extra rank costs an SVD column and a candidate",
+    "budget_bytes": "0 = derive from rank; 1 TiB at most",
+    "importance_batches": "validation batches per round",
+    "min_numel": "entries below which a matrix travels dense",
+    "int8_block": "the wire's u32 block; 0 = one block per tensor",
+    "oversample": "extra randomized-SVD columns",
+    "niter": "randomized-SVD power iterations, two products each",
+    "seed": "torch.Generator seeds are 64-bit",
+}
 
 
 @dataclass(frozen=True)
@@ -148,20 +179,17 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         """Check every field and raise :class:`ConfigError` naming the bad one."""
         check_literal_fields(self)
-        if self.rank < 1:
-            raise ConfigError(f"rank={self.rank} must be >= 1")
-        if self.relax < 0 or self.relax > 64:
-            raise ConfigError(f"relax={self.relax} must be in 0..64")
-        if self.budget_bytes < 0:
-            raise ConfigError(f"budget_bytes={self.budget_bytes} must be >= 0 (0 = derive from rank)")
-        if self.min_numel < 0:
-            raise ConfigError(f"min_numel={self.min_numel} must be >= 0")
-        if self.int8_block < 0:
-            raise ConfigError(f"int8_block={self.int8_block} must be >= 0")
-        if self.importance_batches < 1:
-            raise ConfigError(f"importance_batches={self.importance_batches} must be >= 1")
-        if self.oversample < 0 or self.niter < 0:
-            raise ConfigError("oversample and niter must be >= 0")
+        # Every number has a ceiling as well as a floor: a client runs what the server
+        # sends, so a setting beyond what can run (niter=10**9 hangs an SVD) is refused
+        # here, on both sides, with the range in the message.
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{name}={value} must be in {low}..{high} ({_LIMIT_WHY[name]})")
+        if self.rank + self.relax > MAX_RANK:
+            raise ConfigError(f"rank + relax = {self.rank + self.relax} must be <= {MAX_RANK} (the wire's u16 rank)")
+        if len(self.embedding_pattern) > 1024:
+            raise ConfigError(f"embedding_pattern has {len(self.embedding_pattern)} characters; at most 1024")
 
     @property
     def value_bytes(self) -> int:

@@ -41,11 +41,12 @@ from osd_fl.compressor import (
     Compressor,
     CompressorState,
     MatrixItem,
+    RecordForm,
     item_generator,
     lowrank_record,
     register,
 )
-from osd_fl.payload import TensorRecord
+from osd_fl.payload import Kind, TensorRecord
 from osd_fl.selection import select, selection_bytes
 from osd_fl.svd import split_factors, truncated_svd
 
@@ -271,6 +272,12 @@ class SparseLowRank(Compressor):
             best = min(range(len(errors)), key=errors.__getitem__)
         a, b, pos = chosen[best]
         return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
+
+    def record_form(self, n: int, d: int) -> RecordForm:
+        """Factors at rank ``r + relax`` at most (``r + max(relax, 1)`` with a global budget), sparse or whole."""
+        cfg = self.config
+        relax = max(cfg.relax, 1) if cfg.budget == "global" else cfg.relax
+        return RecordForm(Kind.LOWRANK, max_rank=min(cfg.rank + relax, n, d))
 
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """One budget for all matrices: every factor entry of every matrix ranked together.

@@ -51,6 +51,7 @@ __all__ = [
     "METRIC_FAILED",
     "METRIC_MESSAGES_DOWN",
     "METRIC_MESSAGES_UP",
+    "METRIC_METRICS_DROPPED",
     "METRIC_NORM_MEDIAN",
     "METRIC_NORM_THRESHOLD",
     "METRIC_NO_REPLY",
@@ -59,8 +60,10 @@ __all__ = [
     "METRIC_PAYLOAD_BYTES_UP",
     "METRIC_REJECTED",
     "METRIC_REJECTED_NORM",
+    "METRIC_REJECTED_RANGE",
     "METRIC_RESIDUAL_IN",
     "METRIC_RESIDUAL_OUT",
+    "METRIC_ROUND_KEPT_OUT",
     "PAYLOAD_ARRAY_KEY",
     "PAYLOAD_RECORD_KEY",
     "PAYLOAD_STYPE",
@@ -152,6 +155,16 @@ METRIC_NORM_MEDIAN: Final = "update-norm-median"
 
 METRIC_NORM_THRESHOLD: Final = "norm-threshold"
 """With a relative norm bound: the round's threshold (factor x median)."""
+
+METRIC_REJECTED_RANGE: Final = "rejected-range"
+"""Of ``rejected``: replies whose update would take the model (or the inner strategy's step)
+out of the dtype's safe range (:func:`osd_fl.checks.value_limit`); found and left out."""
+
+METRIC_ROUND_KEPT_OUT: Final = "round-kept-out"
+"""1 when the round's replies were valid but no new model could be formed within the safe range."""
+
+METRIC_METRICS_DROPPED: Final = "metrics-dropped"
+"""Client metric entries dropped this phase (not a finite number, a reserved or an over-long name)."""
 
 METRIC_BYTES_DOWN: Final = "bytes-down"
 """Serialized bytes of every message the server sent in the phase."""

@@ -64,7 +64,7 @@ from osd_fl.budget import paper_bits
 from osd_fl.codec import iter_tensors
 from osd_fl.payload import Kind, TensorRecord
 from simulations.bench_codec import synthetic_update
-from simulations.devices import resolve_device
+from simulations.devices import resolve_device, seeded
 
 SECTIONS = ("client", "split", "server", "codec", "round")
 MB = 1024.0**2
@@ -298,11 +298,11 @@ def bert_model(name: str, quick: bool, *, meta: bool = False) -> torch.nn.Module
         max_position_embeddings=512,
     )
     cfg.num_labels = 2
-    torch.manual_seed(0)
     if meta:
         with torch.device("meta"):
             return BertForSequenceClassification(cfg)
-    model = BertForSequenceClassification(cfg)
+    with seeded(0):  # the same weights every time, the caller's generator untouched
+        model = BertForSequenceClassification(cfg)
     for n, p in model.named_parameters():
         if "embeddings" in n:  # frozen, as in the text task: no gradient, not uploaded
             p.requires_grad_(False)

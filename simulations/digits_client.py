@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from clients import attach_importance, osd_mod
 from osd_fl.records import record_to_tensors, tensors_to_record
+from simulations.devices import torch_threads
 from simulations.digits_config import DigitsSettings
 from simulations.digits_task import build_model, client_data, evaluate, loss_fn, make_optimizer, train_epochs
 
@@ -46,8 +47,12 @@ def _server_value(msg: Message, key: str, default: float) -> float:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train locally from the global model; reply with the trained weights."""
-    torch.set_num_threads(1)
+    """Train locally from the global model; reply with the trained weights (one torch thread)."""
+    with torch_threads(1):
+        return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     settings = DigitsSettings.from_run_config(context.run_config)
     pid, num = _partition(context, settings)
     server_round = int(_server_value(msg, "server-round", 0))
@@ -80,8 +85,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the local validation split."""
-    torch.set_num_threads(1)
+    """Evaluate the global model on the local validation split (one torch thread)."""
+    with torch_threads(1):
+        return _evaluate(msg, context)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
     settings = DigitsSettings.from_run_config(context.run_config)
     pid, num = _partition(context, settings)
     data = client_data(

@@ -4,32 +4,119 @@ Registered in ``pyproject.toml`` as ``simulations.digits_server:app``; all
 settings come from ``[tool.flwr.app.config]`` (see
 :mod:`simulations.digits_config`). With ``results-dir`` set it writes
 ``traffic.csv`` (bytes per round, phase, node and direction),
-``rounds.csv`` (per-round metrics) and ``result.json`` (everything, including
-central test accuracy per round).
+``rounds.csv`` (per-round metrics), ``replies.csv`` (one row per reply: the
+node it answers for and the metrics that node reported, e.g.
+``osd-residual-in-norm``, which rounds.csv only has averaged) and
+``result.json`` (everything, including central test accuracy per round).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 
 from osd_fl import CompressionConfig
 from osd_fl.records import record_to_tensors, tensors_to_record
+from simulations.devices import torch_threads
 from simulations.digits_config import DigitsSettings, compression_from_run_config
 from simulations.digits_task import build_model, evaluate, test_data
 from strategies import OSDStrategy
 
-__all__ = ["app", "make_server_app", "result_summary", "run_server"]
+__all__ = ["REPLIES_CSV", "DigitsStrategy", "app", "make_server_app", "result_summary", "run_server"]
 
 log = logging.getLogger("flwr.osd.digits")
+
+#: File in ``results-dir`` with one row per reply the ServerApp received.
+REPLIES_CSV = "replies.csv"
+
+
+class DigitsStrategy(OSDStrategy):
+    """:class:`~strategies.OSDStrategy` that also keeps every reply, per node (``replies.csv``).
+
+    ``rounds.csv`` averages the clients' metrics over accepted replies; this
+    keeps what each node sent, train and evaluate, before validation: one row
+    per reply with ``round``, ``phase``, ``node_id`` (the node the instruction
+    went to, found by ``reply_to_message_id``; ``-1`` if no instruction of
+    this round matches), ``src_node_id`` (as the reply says: the SuperLink's
+    own id for an error it generated, e.g. for a node that stopped sending
+    heartbeats), ``error`` (empty, or ``code: reason``) and the node's metrics.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replies: list[dict[str, Any]] = []
+        self._sent: list[Message] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As :meth:`OSDStrategy.configure_train`; keeps the messages to map replies to nodes."""
+        return self._keep(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As :meth:`OSDStrategy.configure_evaluate`; keeps the messages to map replies to nodes."""
+        return self._keep(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record the replies, then :meth:`OSDStrategy.aggregate_train`."""
+        replies = list(replies)
+        self._record(server_round, MessageType.TRAIN, replies)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record the replies, then :meth:`OSDStrategy.aggregate_evaluate`."""
+        replies = list(replies)
+        self._record(server_round, MessageType.EVALUATE, replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _keep(self, messages: Iterable[Message]) -> list[Message]:
+        # The grid stamps the message ids on these very objects when it pushes
+        # them, before any reply is aggregated.
+        self._sent = list(messages)
+        return self._sent
+
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
+        for msg in replies:
+            meta = msg.metadata
+            row: dict[str, Any] = {
+                "round": server_round,
+                "phase": phase,
+                "node_id": sent_to.get(meta.reply_to_message_id, -1),
+                "src_node_id": int(meta.src_node_id),
+                "error": f"{msg.error.code}: {msg.error.reason}" if msg.has_error() else "",
+            }
+            if msg.has_content():
+                for record in msg.content.metric_records.values():
+                    row.update({k: v for k, v in record.items() if k not in row and not isinstance(v, list)})
+            self.replies.append(row)
+        if self.csv_dir is not None:
+            try:
+                self._write_replies(self.csv_dir / REPLIES_CSV)
+            except OSError:
+                log.exception("could not write %s", self.csv_dir / REPLIES_CSV)
+
+    def _write_replies(self, path: Path) -> None:
+        columns: list[str] = []
+        for row in self.replies:
+            columns.extend(k for k in row if k not in columns)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.replies)
 
 
 def _central_eval(settings: DigitsSettings) -> Callable[[int, ArrayRecord], MetricRecord | None]:
@@ -56,7 +143,11 @@ def run_server(grid: Grid, settings: DigitsSettings, compression: CompressionCon
     compression
         Upload compression settings sent to every client.
     """
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        return _run_server(grid, settings, compression)
+
+
+def _run_server(grid: Grid, settings: DigitsSettings, compression: CompressionConfig) -> tuple[Result, OSDStrategy]:
     model = build_model(settings.hidden, seed=settings.seed)
     inner = FedAvg(
         fraction_train=settings.fraction_train,
@@ -65,7 +156,7 @@ def run_server(grid: Grid, settings: DigitsSettings, compression: CompressionCon
         min_evaluate_nodes=1 if settings.fraction_evaluate > 0 else 0,
         min_available_nodes=settings.min_nodes,
     )
-    strategy = OSDStrategy(
+    strategy = DigitsStrategy(
         inner,
         config=compression,
         server_lr=settings.server_lr,

@@ -22,6 +22,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from simulations.devices import seeded
+
 __all__ = [
     "Batch",
     "ClientData",
@@ -140,9 +142,8 @@ def client_data(
 
 def build_model(hidden: int = 128, *, seed: int | None = 0) -> nn.Module:
     """``Linear(64, hidden) -> ReLU -> Linear(hidden, 10)``, seeded init."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    with seeded(seed):  # never moves the caller's global generator
+        return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:

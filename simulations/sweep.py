@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from osd_fl import CompressionConfig
+from simulations.devices import torch_threads
 from simulations.text_fl import RoundRow, run_text_fl
 from simulations.text_task import TextTaskConfig
 
@@ -231,8 +231,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
     """Run every missing run of ``cfg`` into ``out/runs``; return all round rows."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):  # restored afterwards: the caller may be a notebook or a test
+        return _run_sweep(cfg, out)
+
+
+def _run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
     task_base = TextTaskConfig().replace(**dict(cfg.task))
     runs = plan(cfg)
     todo = [r for r in runs if not (out / "runs" / f"{run_id(*r)}.csv").exists()]

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -34,6 +32,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
+from simulations.devices import seeded
 from simulations.local_grid import LocalGrid
 from simulations.text_task import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
@@ -75,17 +74,18 @@ def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         server_round = _round(msg)
         train_loader, val_loader = task.client_loaders(pid, round_seed=server_round)
-        # dropout draws from torch's global generator: seed it per (seed, client, round)
-        torch.manual_seed((cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**63))
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
-        content = RecordDict(
-            {
-                "arrays": tensors_to_record(model.state_dict()),
-                "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
-            }
-        )
-        attach_importance(content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer)
+        # dropout draws from torch's global generator: seed it per (seed, client, round),
+        # inside a block that restores the caller's generator afterwards
+        with seeded((cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**63)):
+            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+            loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
+            content = RecordDict(
+                {
+                    "arrays": tensors_to_record(model.state_dict()),
+                    "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
+                }
+            )
+            attach_importance(content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer)
         return Message(content=content, reply_to=msg)
 
     return app
@@ -139,11 +139,25 @@ def run_text_fl(
     quiet
         Silence Flower's per-round INFO logs (warnings still show).
     """
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
     if quiet:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    # Flower's strategies sample nodes with Python's global `random`; seed it so that the sampled
-    # nodes and the order replies are summed in (hence every float) repeat with the seed.
-    random.seed(task_config.seed)
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        return _run_text_fl(task_config, compression, num_rounds, grid, fraction_train, server_lr, on_round)
+    finally:
+        flwr_logger.setLevel(level)  # the caller's logging, as it was
+
+
+def _run_text_fl(
+    task_config: TextTaskConfig,
+    compression: CompressionConfig,
+    num_rounds: int,
+    grid: Grid | None,
+    fraction_train: float,
+    server_lr: float,
+    on_round: Callable[[RoundRow], None] | None,
+) -> list[RoundRow]:
     task = get_task(task_config)
     grid = grid or LocalGrid(make_client_app(task_config), task_config.num_clients)
     model = task.new_model()
@@ -156,7 +170,9 @@ def run_text_fl(
         min_evaluate_nodes=0,
         min_available_nodes=n,
     )
-    strategy = OSDStrategy(inner, config=compression, server_lr=server_lr)
+    # The strategy samples nodes with its own generator seeded here, so the sampled nodes and
+    # the order replies are summed in (hence every float) repeat with the seed.
+    strategy = OSDStrategy(inner, config=compression, server_lr=server_lr, sampling_seed=task_config.seed)
     rows: list[RoundRow] = []
     clock = [time.perf_counter()]
 

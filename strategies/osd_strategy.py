@@ -43,8 +43,9 @@ import csv
 import logging
 import math
 import os
-import statistics
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,29 +70,32 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from osd_fl import CompressionConfig, ConfigError, PayloadError, decode, payload_budget
+from osd_fl import CompressionConfig, ConfigError, PayloadError, get_compressor, payload_budget, resolve_config
 from osd_fl.budget import total_dense_bytes
-from osd_fl.codec import rebuild_is_finite, reconstruct
-from osd_fl.compressor import get_compressor
+from osd_fl.codec import reconstruct
 from osd_fl.payload import Payload
 from osd_fl.records import (
     METRIC_ACCEPTED,
     METRIC_FAILED,
+    METRIC_METRICS_DROPPED,
     METRIC_NO_REPLY,
     METRIC_NORM_MEDIAN,
     METRIC_NORM_THRESHOLD,
     METRIC_REJECTED,
     METRIC_REJECTED_NORM,
-    PAYLOAD_RECORD_KEY,
+    METRIC_REJECTED_RANGE,
+    METRIC_ROUND_KEPT_OUT,
     WEIGHT_KEY,
     array_to_tensor,
     config_to_record,
     record_specs,
-    record_to_payload,
 )
 from strategies.metering import ByteMeter, MeteredGrid
+from strategies.metrics import clean_reply, common_metrics, printable
+from strategies.replies import MAX_WEIGHT, ReplyRejected, check_reply, decode_payload, reference_norm, reply_weight
+from strategies.safety import InnerGuard, OutOfRange, check_inner_strategy, out_of_range, record_out_of_range
 
-__all__ = ["OSDStrategy", "Rejection"]
+__all__ = ["MAX_WEIGHT", "FederationStalled", "OSDStrategy", "Rejection"]
 
 # A child of Flower's logger, so messages show in the ServerApp's console like Flower's own.
 log = logging.getLogger("flwr.osd.strategy")
@@ -99,12 +103,7 @@ log = logging.getLogger("flwr.osd.strategy")
 #: Slack for framing when a method has no byte budget (dense, fp16, int8).
 _UNBUDGETED_SLACK = 64 * 1024
 
-#: Largest accepted ``num-examples``: every integer up to it is exact in float64,
-#: and weight times the largest decodable value stays far from overflow.
-MAX_WEIGHT = float(2**53)
-
-#: Characters of a client-supplied reason (error text, tensor names) kept in logs.
-_REASON_CHARS = 500
+Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass(frozen=True)
@@ -118,16 +117,30 @@ class Rejection:
     """True for a reply that carried a Flower ``Error`` or never came (counted as ``failed``)."""
     kind: str = "invalid"
     """``invalid`` (failed validation), ``norm`` (outside the norm bound),
+    ``range`` (would take the model out of its dtype's safe range),
     ``unsolicited`` (unsampled node or second reply), ``error`` (Flower error
-    reply) or ``no-reply`` (sampled, nothing received before the timeout)."""
+    reply), ``no-reply`` (sampled, nothing received before the timeout) or
+    ``evaluate`` (an evaluate reply left out of the metrics)."""
 
 
-class _Rejected(Exception):
-    """Internal: a reply failed validation; the message is the reason."""
+class FederationStalled(RuntimeError):
+    """Raised by :meth:`OSDStrategy.aggregate_train` after too many rounds in a row changed nothing.
+
+    Ends the ServerApp with an error (``flwr run`` then reports the run as
+    failed) instead of letting a run in which nothing can succeed exit 0.
+    The message names the most frequent reason replies were rejected or
+    failed in those rounds.
+    """
 
 
-def _is_floating(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
+@dataclass
+class _Valid:
+    """A reply that passed validation: no tensors, just what is needed to add it (again)."""
+
+    msg: Message  #: with its metrics cleaned
+    node: int
+    weight: float
+    norm: float
 
 
 class OSDStrategy(Strategy):
@@ -160,16 +173,32 @@ class OSDStrategy(Strategy):
         tensors together) has an L2 norm above this. Off by default.
     norm_bound_relative
         If set, reject a reply whose update norm is above this factor times
-        the median norm of the round's replies that passed every other check
-        (the absolute bound included). Must be >= 1. Off by default. Either
-        bound costs a second rebuild of each tensor (norms first, then the
-        sum), never more memory: see Notes.
+        a robust reference: the median norm of the round's replies that
+        passed every other check (the absolute bound included), the smallest
+        one left out, so that no single reply can lower it
+        (:func:`strategies.replies.reference_norm`). Must be >= 1. Off by
+        default. Norms come from the factors (no rebuild), in float64.
     min_accepted
         Fewest accepted replies for the round to change the model; with fewer,
         the global model is left unchanged (the run goes on). Default 1, as
         FedAvg aggregates any non-empty set of valid replies. Sampling (how
         many nodes, waiting for ``min_available_nodes``) is always the inner
         strategy's.
+    max_stalled_rounds
+        After this many train rounds in a row in which no reply changed the
+        model, raise :class:`FederationStalled` (naming the most frequent
+        rejection or failure reason) so the run fails loudly. 0 = never.
+        Default 3.
+    sampling_seed
+        Seed of the private Python generator the inner strategy samples nodes
+        with (default ``config.seed``): the same seed samples the same nodes.
+        The caller's global ``random`` and NumPy generators are never moved.
+    trust_custom_inner
+        Accept an inner strategy that overrides ``aggregate_train`` and is not
+        one of Flower's mean-based ones, on your word that it aggregates a
+        weighted mean (see :func:`strategies.safety.check_inner_strategy`).
+        Robust aggregators (FedMedian, trimmed mean, Krum, Bulyan) and
+        q-FedAvg are always refused.
 
     Notes
     -----
@@ -181,20 +210,34 @@ class OSDStrategy(Strategy):
     replied. If none is accepted the global model is unchanged. See
     ``docs/security.md``.
 
+    Safe range: no reply's rebuilt value may exceed
+    :func:`osd_fl.checks.value_limit` of the model's dtype (64 in float16,
+    2**62 in float32), and the new model, before and after the inner
+    strategy's step, must be finite with no value beyond that limit unless
+    it was already there and did not grow. If the round's mean breaks the
+    rule, the reply pushing hardest at the offending entries is left out
+    (``rejected``, ``rejected-range``) and the round is summed again without
+    it, until the rule holds; a rejected inner step is rolled back (the
+    inner strategy's attributes restored), so its optimizer state never
+    holds a step that was not taken. If no reply is to blame (an inner
+    optimizer's own momentum carries the model out), the round is kept out
+    (``round-kept-out``) and counts towards ``max_stalled_rounds``.
+
     Norm bounds: the norm is the L2 norm of the decoded update over every
-    floating tensor, computed in float64. The strategy never holds a whole
-    decoded update, only the float64 running sums and one rebuilt tensor, so
-    measuring a norm costs a pass of its own: with a bound every tensor of a
-    kept reply is rebuilt twice (once to measure, once to add), where without
-    one a float32 tensor is rebuilt once. ``norm_bound_relative`` needs the
-    round's median before any update can be added: the first pass keeps only
-    each reply's norm (a float per reply), a second pass parses the replies
-    within the bound again and adds them. Memory stays O(model) plus O(1)
-    per reply either way; rebuild time roughly doubles. The median
-    is only a robust reference while most replies are honest; with two
-    replies it is their mean. Rejected outliers count as ``rejected`` and
-    ``rejected-norm``; the round's metrics carry ``update-norm-median`` and
-    ``norm-threshold``.
+    floating tensor, computed in float64 NumPy from the factors
+    (``||A B||_F^2 = sum((A^T A) * (B B^T))``), so it is the same with any
+    torch thread count and costs no rebuild. ``norm_bound_relative`` needs
+    the round's reference before any update can be added: the first pass
+    keeps only each reply's norm (a float per reply), a second pass parses
+    the replies within the bound again and adds them. Memory stays O(model)
+    plus O(1) per reply. Rejected outliers count as ``rejected`` and
+    ``rejected-norm``; the round's metrics carry ``update-norm-median`` (the
+    plain median) and ``norm-threshold``.
+
+    Client metrics are checked per reply (:mod:`strategies.metrics`): an
+    entry that is not a finite number, or has an over-long or reserved name
+    (``round``, ``accepted``, ``bytes-up``, ...), is dropped and counted in
+    ``metrics-dropped``; the reply itself is kept.
 
     Tuning: the compression knobs live in :class:`~osd_fl.config.CompressionConfig`
     (turn ``rank`` first, then ``value_dtype``, then ``relax``). The server
@@ -220,6 +263,9 @@ class OSDStrategy(Strategy):
         norm_bound: float | None = None,
         norm_bound_relative: float | None = None,
         min_accepted: int = 1,
+        max_stalled_rounds: int = 3,
+        sampling_seed: int | None = None,
+        trust_custom_inner: bool = False,
     ) -> None:
         super().__init__()
         if not math.isfinite(server_lr) or server_lr <= 0:
@@ -232,12 +278,17 @@ class OSDStrategy(Strategy):
             raise ConfigError(f"norm_bound_relative={norm_bound_relative} must be a finite number >= 1 (or None)")
         if min_accepted < 1:
             raise ConfigError(f"min_accepted={min_accepted} must be >= 1")
+        if max_stalled_rounds < 0:
+            raise ConfigError(f"max_stalled_rounds={max_stalled_rounds} must be >= 0 (0 = never stop the run)")
         self.norm_bound = None if norm_bound is None else float(norm_bound)
         self.norm_bound_relative = None if norm_bound_relative is None else float(norm_bound_relative)
         self.min_accepted = int(min_accepted)
+        self.max_stalled_rounds = int(max_stalled_rounds)
         self.inner: Strategy = inner if inner is not None else FedAvg()
+        check_inner_strategy(self.inner, trust_custom=trust_custom_inner)
         self.config = config if config is not None else CompressionConfig()
-        get_compressor(self.config)  # fail now on an unknown method, not in round 1
+        # what a correct client runs: the method's overrides applied (fails now on an unknown method)
+        self._resolved = resolve_config(self.config)
         self.server_lr = float(server_lr)
         self.max_payload_bytes = max_payload_bytes
         self.meter = meter if meter is not None else ByteMeter()
@@ -248,9 +299,13 @@ class OSDStrategy(Strategy):
         self.missing: list[Rejection] = []
         """Sampled nodes that sent no reply before the timeout (every round)."""
         self.history: list[dict[str, Any]] = []
+        self._guard = InnerGuard(self.inner, self.config.seed if sampling_seed is None else int(sampling_seed))
         self._global: ArrayRecord | None = None
         self._global_round = -1
         self._sampled: set[int] = set()
+        self._stalled = 0
+        self._stall_reasons: Counter[str] = Counter()
+        self._stall_examples: dict[str, str] = {}
 
     def __repr__(self) -> str:
         """Name the wrapper and what it wraps."""
@@ -271,6 +326,7 @@ class OSDStrategy(Strategy):
         log.info("\t│\t├── norm_bound: %s", self.norm_bound)
         log.info("\t│\t├── norm_bound_relative: %s", self.norm_bound_relative)
         log.info("\t│\t├── min_accepted: %s", self.min_accepted)
+        log.info("\t│\t├── max_stalled_rounds: %s", self.max_stalled_rounds)
         log.info("\t│\t└── server_lr: %s", self.server_lr)
         self.inner.summary()
 
@@ -288,6 +344,11 @@ class OSDStrategy(Strategy):
 
         Same parameters and result as :meth:`flwr.serverapp.strategy.Strategy.start`;
         ``grid`` is wrapped in a :class:`MeteredGrid` unless it already is one.
+
+        Raises
+        ------
+        FederationStalled
+            After ``max_stalled_rounds`` train rounds in a row that changed nothing.
         """
         metered = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid, self.meter)
         if isinstance(grid, MeteredGrid) and grid.meter is not self.meter:
@@ -311,7 +372,7 @@ class OSDStrategy(Strategy):
         self._global_round = server_round
         for key, value in config_to_record(self.config).items():
             config[key] = value
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        messages = list(self._guard.call(self.inner.configure_train, server_round, arrays, config, grid))
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
         return messages
 
@@ -320,19 +381,33 @@ class OSDStrategy(Strategy):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, decode and average the replies; never raises.
+        """Validate, decode and average the replies; never raises but :class:`FederationStalled`.
 
         Returns
         -------
         tuple
-            The new global model (``None`` when fewer than ``min_accepted``
-            replies were accepted, so the global model stays as it was) and
-            the round's metrics: the clients' metrics averaged over accepted
-            replies, ``accepted``, ``rejected``, ``failed`` (``no-reply``
-            and ``rejected-norm`` break these down), the norm statistics when
-            a bound is set, and the train phase's byte counts.
+            The new global model (``None`` when it stays as it was: fewer
+            than ``min_accepted`` replies accepted, or no model within the
+            safe range) and the round's metrics: the clients' metrics
+            averaged over accepted replies, ``accepted``, ``rejected``,
+            ``failed`` (``no-reply``, ``rejected-norm`` and
+            ``rejected-range`` break these down), ``metrics-dropped``, the
+            norm statistics when a bound is set, and the train phase's byte
+            counts.
+
+        Raises
+        ------
+        FederationStalled
+            The ``max_stalled_rounds``-th round in a row that changed nothing.
         """
-        counts = {METRIC_ACCEPTED: 0, METRIC_REJECTED: 0, METRIC_FAILED: 0, METRIC_NO_REPLY: 0}
+        counts = {
+            METRIC_ACCEPTED: 0,
+            METRIC_REJECTED: 0,
+            METRIC_FAILED: 0,
+            METRIC_NO_REPLY: 0,
+            METRIC_REJECTED_RANGE: 0,
+            METRIC_METRICS_DROPPED: 0,
+        }
         if self.bounds_norm:
             counts[METRIC_REJECTED_NORM] = 0
         extra: dict[str, float] = {}
@@ -354,6 +429,7 @@ class OSDStrategy(Strategy):
         for key, total in self.meter.totals(server_round, MessageType.TRAIN).items():
             metrics[key] = total
         self._record_history(server_round, MessageType.TRAIN, metrics)
+        self._track_progress(server_round, changed=arrays is not None)
         return arrays, metrics
 
     def configure_evaluate(
@@ -361,17 +437,49 @@ class OSDStrategy(Strategy):
     ) -> Iterable[Message]:
         """Delegate to the inner strategy (the global model goes down dense)."""
         self.meter.begin_round(server_round)
-        return list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return list(self._guard.call(self.inner.configure_evaluate, server_round, arrays, config, grid))
 
     def aggregate_evaluate(
         self,
         server_round: int,
         replies: Iterable[Message],
     ) -> MetricRecord | None:
-        """Delegate to the inner strategy; add the evaluate phase's byte counts."""
+        """Check each reply's metrics, then delegate to the inner strategy; add the phase's byte counts.
+
+        A reply with an error, without exactly one ``MetricRecord`` or with a
+        bad weight is left out with its reason (kind ``evaluate``); entries
+        that are not finite numbers or carry reserved or over-long names are
+        dropped; replies are restricted to the metric names most of them
+        share (:func:`strategies.metrics.common_metrics`), so one odd reply
+        cannot make Flower skip the others' metrics.
+        """
         replies = list(replies)
+        usable: list[Message] = []
+        records: list[MetricRecord] = []
+        dropped = 0
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                continue  # counted by the inner strategy's own reply check
+            try:
+                reply_weight(msg.content, self.weighted_by_key)
+            except ReplyRejected as exc:
+                self._reject(server_round, node, f"evaluate reply: {exc}", kind="evaluate")
+                continue
+            cleaned, n = clean_reply(msg, self.weighted_by_key)
+            dropped += n
+            usable.append(cleaned)
+            records.append(next(iter(cleaned.content.metric_records.values())))
+        kept, restricted = common_metrics(records)
+        harmonised = [
+            make_message(metadata=usable[i].metadata, content=RecordDict({"metrics": record}))
+            for i, record in zip(kept, restricted, strict=True)
+        ]
+        for i in sorted(set(range(len(usable))) - set(kept)):
+            node = int(usable[i].metadata.src_node_id)
+            self._reject(server_round, node, "evaluate reply lacks metrics the other replies carry", kind="evaluate")
         try:
-            inner = self.inner.aggregate_evaluate(server_round, replies)
+            inner = self._guard.call(self.inner.aggregate_evaluate, server_round, harmonised)
         except Exception:  # keep the run going
             log.exception("round %d: evaluate aggregation failed in the inner strategy", server_round)
             inner = None
@@ -382,6 +490,7 @@ class OSDStrategy(Strategy):
         if inner is not None:
             for key, value in inner.items():
                 metrics[key] = value
+        metrics[METRIC_METRICS_DROPPED] = dropped
         for key, total in totals.items():
             metrics[key] = total
         self._record_history(server_round, MessageType.EVALUATE, metrics)
@@ -402,8 +511,8 @@ class OSDStrategy(Strategy):
         record = arrays if arrays is not None else self._global
         if record is None:
             raise ConfigError("no global model yet: call configure_train first or pass arrays")
-        shapes = {n: s for n, (s, dt) in record_specs(record).items() if _is_floating(dt)}
-        if get_compressor(self.config).budgeted or self.config.budget_bytes:
+        shapes = {n: s for n, (s, dt) in record_specs(record).items() if dt.is_floating_point}
+        if get_compressor(self._resolved).budgeted or self.config.budget_bytes:
             return payload_budget(shapes, self.config)
         return 2 * total_dense_bytes(shapes, 4) + _UNBUDGETED_SLACK
 
@@ -418,16 +527,59 @@ class OSDStrategy(Strategy):
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
         global_record = self._global
         specs_all = record_specs(global_record)
-        specs = {n: spec for n, spec in specs_all.items() if _is_floating(spec[1])}
+        specs = {n: spec for n, spec in specs_all.items() if spec[1].is_floating_point}
         limit = self.payload_limit(global_record)
-
-        acc: dict[str, torch.Tensor] = {n: torch.zeros(s, dtype=torch.float64) for n, (s, _) in specs.items()}
-        total_weight = 0.0
-        accepted: list[Message] = []
-        # Two passes only with a relative bound: (reply, weight, norm), no tensors.
-        pending: list[tuple[Message, float, float]] = []
-        two_pass = self.norm_bound_relative is not None
         t0 = time.perf_counter()
+        acc = _zeros(specs)
+        kept, total_weight = self._validate_round(server_round, replies, specs, limit, counts, extra, acc)
+        if self.norm_bound_relative is not None:  # pass 2: add the replies within the bound
+            total_weight = self._resum(kept, specs, limit, acc)
+        log.info(
+            "round %d: %d replies valid, %d rejected, %d failed (%d without reply) (decoded in %.3fs)",
+            server_round,
+            len(kept),
+            counts[METRIC_REJECTED],
+            counts[METRIC_FAILED],
+            counts[METRIC_NO_REPLY],
+            time.perf_counter() - t0,
+        )
+        if not kept:
+            log.warning("round %d: no reply accepted; the global model is left unchanged", server_round)
+            return None, None
+        if len(kept) < self.min_accepted:
+            counts[METRIC_ACCEPTED] = len(kept)
+            log.warning(
+                "round %d: %d replies accepted, fewer than min_accepted=%d; the global model is left unchanged",
+                server_round,
+                len(kept),
+                self.min_accepted,
+            )
+            return None, self._client_metrics(kept)
+        arrays, inner_metrics = self._step_within_range(
+            server_round, global_record, specs, specs_all, limit, kept, acc, total_weight, counts
+        )
+        counts[METRIC_ACCEPTED] = len(kept) if arrays is not None else 0
+        client_metrics = self._client_metrics(kept)
+        merged = MetricRecord(dict(client_metrics.items()))
+        if inner_metrics is not None:
+            for key, value in inner_metrics.items():
+                merged[key] = value
+        return arrays, merged
+
+    def _validate_round(
+        self,
+        server_round: int,
+        replies: list[Message],
+        specs: Specs,
+        limit: int,
+        counts: dict[str, int],
+        extra: dict[str, float],
+        acc: dict[str, torch.Tensor],
+    ) -> tuple[list[_Valid], float]:
+        """Check every reply; add the valid ones to ``acc`` unless a relative bound needs a second pass."""
+        two_pass = self.norm_bound_relative is not None
+        kept: list[_Valid] = []
+        total_weight = 0.0
         answered: set[int] = set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -442,167 +594,33 @@ class OSDStrategy(Strategy):
                 reason = f"error reply (code {msg.error.code}): {msg.error.reason}"
                 self._reject(server_round, node, reason, failed=True, kind="error")
                 continue
-            checked = self._checked_update(server_round, node, msg, specs, limit, counts)
+            checked = self._check(server_round, node, msg, specs, limit, counts)
             if checked is None:
                 continue
-            weight, payload, norm = checked
-            if two_pass:
-                pending.append((msg, weight, norm))  # pass 1 keeps the norm only
-                continue
-            _accumulate(acc, payload, weight)
-            total_weight += weight
-            accepted.append(msg)
-        if two_pass and pending:
-            assert self.norm_bound_relative is not None
-            median = statistics.median(norm for _, _, norm in pending)
-            threshold = self.norm_bound_relative * median
-            extra[METRIC_NORM_MEDIAN] = median
-            extra[METRIC_NORM_THRESHOLD] = threshold
-            for msg, weight, norm in pending:
-                node = int(msg.metadata.src_node_id)
-                if norm > threshold:
-                    counts[METRIC_REJECTED] += 1
-                    counts[METRIC_REJECTED_NORM] += 1
-                    reason = (
-                        f"update norm {norm:.6g} exceeds {self.norm_bound_relative:g} x the round's median "
-                        f"{median:.6g} = {threshold:.6g}"
-                    )
-                    self._reject(server_round, node, reason, kind="norm")
-                    continue
-                # Parsing again is cheap (the payload is the compressed bytes);
-                # nothing decoded is kept between the passes.
-                checked = self._checked_update(server_round, node, msg, specs, limit, counts, first_pass=False)
-                if checked is None:  # cannot happen (decoding is deterministic); never trust it blindly
-                    continue
-                weight, payload, _ = checked
-                _accumulate(acc, payload, weight)
-                total_weight += weight
-                accepted.append(msg)
+            valid, payload = checked
+            if not two_pass:
+                _accumulate(acc, payload, valid.weight)
+                total_weight += valid.weight
+            kept.append(valid)
         for node in sorted(self._sampled - answered):
             counts[METRIC_FAILED] += 1
             counts[METRIC_NO_REPLY] += 1
             self._reject(server_round, node, "no reply before the timeout", failed=True, kind="no-reply")
-        counts[METRIC_ACCEPTED] = len(accepted)
-        log.info(
-            "round %d: %d replies accepted, %d rejected, %d failed (%d without reply) (decoded in %.3fs)",
-            server_round,
-            counts[METRIC_ACCEPTED],
-            counts[METRIC_REJECTED],
-            counts[METRIC_FAILED],
-            counts[METRIC_NO_REPLY],
-            time.perf_counter() - t0,
-        )
-        if not accepted:
-            log.warning("round %d: no reply accepted; the global model is left unchanged", server_round)
-            return None, None
-        client_metrics = self._client_metrics(accepted)
-        if len(accepted) < self.min_accepted:
-            log.warning(
-                "round %d: %d replies accepted, fewer than min_accepted=%d; the global model is left unchanged",
-                server_round,
-                len(accepted),
-                self.min_accepted,
-            )
-            return None, client_metrics
+        if two_pass and kept:
+            kept = self._relative_bound(server_round, kept, counts, extra)
+        return kept, total_weight
 
-        candidate = self._apply_step(server_round, global_record, acc, self.server_lr / total_weight)
-        del acc
-        if candidate is None:
-            return None, client_metrics
-        reply_metrics = MetricRecord(dict(client_metrics.items()))
-        reply_metrics[self.weighted_by_key] = total_weight
-        if _plain_fedavg(self.inner):
-            # FedAvg of one reply is that reply's arrays times w / w = 1.0,
-            # exactly: skip its copies (it would hold three models at once)
-            # and aggregate the metrics the way it would.
-            assert isinstance(self.inner, FedAvg)
-            contents = [RecordDict({"metrics": reply_metrics})]
-            inner_metrics: MetricRecord | None = self.inner.train_metrics_aggr_fn(contents, self.weighted_by_key)
-            arrays: ArrayRecord | None = candidate
-        else:
-            # Hand the decoded model to the inner strategy as one reply carrying the
-            # total weight: server optimizers step from it.
-            inner_arrays_key = str(getattr(self.inner, "arrayrecord_key", "arrays"))
-            synthetic = make_message(
-                metadata=_synthetic_metadata(accepted[0]),
-                content=RecordDict({inner_arrays_key: candidate, "metrics": reply_metrics}),
-            )
-            del candidate
-            arrays, inner_metrics = self.inner.aggregate_train(server_round, [synthetic])
-            if arrays is not None:
-                arrays = _restore_dtypes(arrays, specs_all)
-        merged = MetricRecord(dict(client_metrics.items()))
-        if inner_metrics is not None:
-            for key, value in inner_metrics.items():
-                merged[key] = value
-        return arrays, merged
-
-    def _apply_step(
-        self,
-        server_round: int,
-        global_record: ArrayRecord,
-        acc: dict[str, torch.Tensor],
-        scale: float,
-    ) -> ArrayRecord | None:
-        """``W + scale * acc`` as a new record, one tensor at a time (``acc`` is emptied).
-
-        Each accumulator is freed as soon as its tensor is written, so the
-        peak is the accumulators plus one tensor, not accumulators plus two
-        models. Returns ``None`` (global model unchanged) if a new value is
-        not finite in the model's dtype.
-        """
-        out: dict[str, Array] = {}
-        for name, array in global_record.items():
-            if name not in acc:
-                out[name] = array  # integer buffers: the same (immutable) Array
-                continue
-            current = array_to_tensor(array)
-            step = acc.pop(name).mul_(scale)
-            new = step.add_(current).to(current.dtype)  # in float64, then the model's dtype
-            del step
-            if new.is_floating_point() and not bool(torch.isfinite(new).all()):
-                # Every accepted update is finite, but their sum can still leave
-                # the model's dtype (float16 tops out at 65504): keep the model.
-                log.warning(
-                    "round %d: the new value of %r is not finite in %s; the global model is left unchanged "
-                    "(consider norm_bound)",
-                    server_round,
-                    name,
-                    new.dtype,
-                )
-                acc.clear()
-                return None
-            out[name] = Array(np.asarray(new.numpy()))
-            del new, current
-        return ArrayRecord(out)
-
-    def _checked_update(
-        self,
-        server_round: int,
-        node: int,
-        msg: Message,
-        specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-        limit: int,
-        counts: dict[str, int],
-        *,
-        first_pass: bool = True,
-    ) -> tuple[float, Payload, float] | None:
-        """Validate one reply; on failure record why and return ``None``.
-
-        Returns ``(weight, payload, norm)``: the parsed payload (compressed
-        factors, not the rebuilt tensors) and the update's norm, NaN when no
-        bound is set. Every tensor that could rebuild to a non-finite value,
-        and every tensor when a norm bound is set, is rebuilt here one at a
-        time and dropped, so :func:`_accumulate` cannot fail half-way.
-        ``first_pass=False`` (the second pass of a relative norm bound) parses
-        the payload again and skips what the first pass checked.
-        """
+    def _check(
+        self, server_round: int, node: int, msg: Message, specs: Specs, limit: int, counts: dict[str, int]
+    ) -> tuple[_Valid, Payload] | None:
+        """Validate one reply (:func:`strategies.replies.check_reply`) and the absolute bound; record a rejection."""
+        cleaned, dropped = clean_reply(msg, self.weighted_by_key)
+        counts[METRIC_METRICS_DROPPED] += dropped
         try:
-            weight, payload = self._decode_reply(msg, specs, limit)
-            if not first_pass:  # rebuilt and measured in the first pass, and decoding is deterministic
-                return weight, payload, math.nan
-            norm = self._rebuild_check(payload)
-        except _Rejected as exc:
+            weight, payload, norm = check_reply(
+                cleaned, specs, limit, self._resolved, self.weighted_by_key, with_norm=self.bounds_norm
+            )
+        except ReplyRejected as exc:
             counts[METRIC_REJECTED] += 1
             self._reject(server_round, node, str(exc))
             return None
@@ -611,67 +629,183 @@ class OSDStrategy(Strategy):
             counts[METRIC_REJECTED] += 1
             self._reject(server_round, node, f"validation raised {type(exc).__name__}: {exc}")
             return None
-        if self.bounds_norm:
-            if not math.isfinite(norm):
-                counts[METRIC_REJECTED] += 1
-                self._reject(server_round, node, f"update norm is {norm}")
-                return None
-            if self.norm_bound is not None and norm > self.norm_bound:
+        if self.norm_bound is not None and norm > self.norm_bound:
+            counts[METRIC_REJECTED] += 1
+            counts[METRIC_REJECTED_NORM] += 1
+            reason = f"update norm {norm:.6g} exceeds the bound {self.norm_bound:g}"
+            self._reject(server_round, node, reason, kind="norm")
+            return None
+        return _Valid(cleaned, node, weight, norm), payload
+
+    def _relative_bound(
+        self, server_round: int, kept: list[_Valid], counts: dict[str, int], extra: dict[str, float]
+    ) -> list[_Valid]:
+        assert self.norm_bound_relative is not None
+        norms = [v.norm for v in kept]
+        reference = reference_norm(norms)
+        threshold = self.norm_bound_relative * reference
+        extra[METRIC_NORM_MEDIAN] = float(np.median(norms))
+        extra[METRIC_NORM_THRESHOLD] = threshold
+        within: list[_Valid] = []
+        for valid in kept:
+            if valid.norm > threshold:
                 counts[METRIC_REJECTED] += 1
                 counts[METRIC_REJECTED_NORM] += 1
-                reason = f"update norm {norm:.6g} exceeds the bound {self.norm_bound:g}"
-                self._reject(server_round, node, reason, kind="norm")
-                return None
-        return weight, payload, norm
+                reason = (
+                    f"update norm {valid.norm:.6g} exceeds {self.norm_bound_relative:g} x the round's reference "
+                    f"{reference:.6g} (median without the smallest norm) = {threshold:.6g}"
+                )
+                self._reject(server_round, valid.node, reason, kind="norm")
+                continue
+            within.append(valid)
+        return within
 
-    def _rebuild_check(self, payload: Payload) -> float:
-        """Rebuild the tensors that need it, one at a time; return the norm (NaN without a bound).
-
-        Raises
-        ------
-        _Rejected
-            If a tensor rebuilds to NaN/Inf.
-        """
+    def _resum(self, kept: list[_Valid], specs: Specs, limit: int, acc: dict[str, torch.Tensor]) -> float:
+        """Fresh sums in ``acc``, every reply of ``kept`` added again (parsed anew: nothing decoded is kept)."""
+        acc.update(_zeros(specs))
         total = 0.0
-        try:
-            for rec in payload.records:
-                if self.bounds_norm:
-                    total += float(reconstruct(rec).to(torch.float64).square().sum())
-                elif not rebuild_is_finite(rec):
-                    reconstruct(rec)  # raises PayloadError on NaN/Inf
-        except PayloadError as exc:
-            raise _Rejected(f"invalid payload: {exc}") from None
-        return math.sqrt(total) if self.bounds_norm else math.nan
+        for valid in kept:
+            payload = decode_payload(valid.msg, specs, limit, self._resolved)
+            _accumulate(acc, payload, valid.weight)
+            total += valid.weight
+        return total
 
-    def _decode_reply(
+    def _step_within_range(
         self,
-        msg: Message,
-        specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        server_round: int,
+        global_record: ArrayRecord,
+        specs: Specs,
+        specs_all: Specs,
         limit: int,
-    ) -> tuple[float, Payload]:
-        content = msg.content
-        weight = _reply_weight(content, self.weighted_by_key)
-        if PAYLOAD_RECORD_KEY not in content.array_records:
-            found = sorted(content.array_records)
-            raise _Rejected(
-                f"no OSD payload record {PAYLOAD_RECORD_KEY!r} (found ArrayRecords {found}); "
-                "is clients.osd_mod installed on the ClientApp?"
+        kept: list[_Valid],
+        acc: dict[str, torch.Tensor],
+        total_weight: float,
+        counts: dict[str, int],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new model from ``acc``, leaving out the replies that push it out of range (``kept`` shrinks)."""
+        while kept:
+            candidate, where = self._apply_step(global_record, acc, self.server_lr / total_weight)
+            inner_metrics: MetricRecord | None = None
+            stage = "the mean"
+            if candidate is not None:
+                arrays, inner_metrics, where = self._inner_step(server_round, global_record, specs_all, candidate, kept)
+                if where is None:
+                    return arrays, inner_metrics
+                stage = f"{type(self.inner).__name__}'s step"
+            assert where is not None
+            culprit = self._culprit(kept, where, specs, limit)
+            if culprit is None:
+                log.warning(
+                    "round %d: %s takes the model out of its safe range (%s) and no reply is to blame; "
+                    "the global model is left unchanged",
+                    server_round,
+                    stage,
+                    where.describe(),
+                )
+                counts[METRIC_ROUND_KEPT_OUT] = 1
+                return None, None
+            counts[METRIC_REJECTED] += 1
+            counts[METRIC_REJECTED_RANGE] += 1
+            self._reject(
+                server_round,
+                culprit.node,
+                f"with this reply {stage} takes the model out of its dtype's safe range ({where.describe()}); "
+                "the round was summed again without it",
+                kind="range",
             )
-        extra = sorted(k for k in content.array_records if k != PAYLOAD_RECORD_KEY)
-        if extra:
-            raise _Rejected(f"unexpected ArrayRecords {extra} besides the payload")
-        try:
-            blob = record_to_payload(content.array_records[PAYLOAD_RECORD_KEY], max_bytes=limit)
-            payload = decode(blob, expected=specs, max_bytes=limit, method=self.config.method)
-        except PayloadError as exc:
-            raise _Rejected(f"invalid payload: {exc}") from None
-        names = [rec.name for rec in payload.records]
-        if len(names) != len(set(names)) or set(names) != set(specs):
-            raise _Rejected(f"payload tensors {sorted(names)} do not match the model's {sorted(specs)}")
-        return weight, payload
+            kept.remove(culprit)
+            if kept:
+                total_weight = self._resum(kept, specs, limit, acc)
+        return None, None
 
-    def _client_metrics(self, accepted: list[Message]) -> MetricRecord:
-        contents = [m.content for m in accepted]
+    def _inner_step(
+        self,
+        server_round: int,
+        global_record: ArrayRecord,
+        specs_all: Specs,
+        candidate: ArrayRecord,
+        kept: list[_Valid],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, OutOfRange | None]:
+        """Let the inner strategy step from ``candidate``; roll it back if its result leaves the safe range."""
+        total_weight = math.fsum(v.weight for v in kept)
+        reply_metrics = MetricRecord(dict(self._client_metrics(kept).items()))
+        reply_metrics[self.weighted_by_key] = total_weight
+        if _plain_fedavg(self.inner):
+            # FedAvg of one reply is that reply's arrays times w / w = 1.0,
+            # exactly: skip its copies (it would hold three models at once)
+            # and aggregate the metrics the way it would.
+            assert isinstance(self.inner, FedAvg)
+            contents = [RecordDict({"metrics": reply_metrics})]
+            return candidate, self.inner.train_metrics_aggr_fn(contents, self.weighted_by_key), None
+        inner_arrays_key = str(getattr(self.inner, "arrayrecord_key", "arrays"))
+        synthetic = make_message(
+            metadata=_synthetic_metadata(kept[0].msg),
+            content=RecordDict({inner_arrays_key: candidate, "metrics": reply_metrics}),
+        )
+        snapshot = self._guard.snapshot()
+        try:
+            arrays, metrics = self._guard.call(self.inner.aggregate_train, server_round, [synthetic])
+        except BaseException:
+            self._guard.restore(snapshot)
+            raise
+        if arrays is None:
+            return None, metrics, None
+        arrays = _restore_dtypes(arrays, specs_all)
+        where = record_out_of_range(arrays, global_record)
+        if where is not None:
+            self._guard.restore(snapshot)  # the rejected step never reaches the optimizer's state
+        return arrays, metrics, where
+
+    def _culprit(self, kept: list[_Valid], where: OutOfRange, specs: Specs, limit: int) -> _Valid | None:
+        """The reply whose weighted update pushes hardest in the direction ``where`` overflows, if any does."""
+        best: _Valid | None = None
+        best_push = 0.0
+        for valid in kept:
+            payload = decode_payload(valid.msg, specs, limit, self._resolved)
+            rec = next(r for r in payload.records if r.name == where.name)
+            values = reconstruct(rec).to(torch.float64).reshape(-1)[where.positions]
+            push = torch.where(where.signs != 0, values * where.signs, values.abs())
+            strength = float(push.max()) * valid.weight
+            if strength > best_push:
+                best, best_push = valid, strength
+        return best
+
+    def _apply_step(
+        self,
+        global_record: ArrayRecord,
+        acc: dict[str, torch.Tensor],
+        scale: float,
+    ) -> tuple[ArrayRecord | None, OutOfRange | None]:
+        """``W + scale * acc`` as a new record, one tensor at a time (``acc`` is consumed).
+
+        Each accumulator is scaled in place and the new tensor written while
+        the next waits, so the peak is the accumulators plus one tensor, not
+        accumulators plus two models. Returns ``(None, where)`` if a new
+        value breaks the safe-range rule (:func:`strategies.safety.out_of_range`);
+        ``acc`` is then unusable until summed again.
+        """
+        out: dict[str, Array] = {}
+        for name, array in global_record.items():
+            if name not in acc:
+                out[name] = array  # integer buffers: the same (immutable) Array
+                continue
+            current = array_to_tensor(array)
+            step = acc[name].mul_(scale)
+            new = step.add_(current).to(current.dtype)  # in float64, then the model's dtype
+            where = out_of_range(name, new, current)
+            if where is not None:
+                return None, where
+            out[name] = Array(np.asarray(new.numpy()))
+            acc[name] = torch.empty(0, dtype=torch.float64)  # free the sum as its tensor is written
+            del new, current, step
+        return ArrayRecord(out), None
+
+    def _client_metrics(self, kept: list[_Valid]) -> MetricRecord:
+        records = [next(iter(v.msg.content.metric_records.values())) for v in kept]
+        _, restricted = common_metrics(records)
+        contents = [RecordDict({"metrics": record}) for record in restricted]
+        if not contents:
+            return MetricRecord()
         fn = getattr(self.inner, "train_metrics_aggr_fn", None) or aggregate_metricrecords
         try:
             result = fn(contents, self.weighted_by_key)
@@ -681,10 +815,35 @@ class OSDStrategy(Strategy):
             log.warning("client train metrics could not be aggregated; continuing without them", exc_info=True)
         return MetricRecord()
 
+    def _track_progress(self, server_round: int, *, changed: bool) -> None:
+        """Count rounds in a row that changed nothing; raise :class:`FederationStalled` at the limit."""
+        if changed:
+            self._stalled = 0
+            self._stall_reasons.clear()
+            self._stall_examples.clear()
+            return
+        self._stalled += 1
+        for entry in [*self.rejections, *self.missing]:
+            if entry.server_round == server_round:
+                key = re.sub(r"\d[\d.e+-]*", "#", entry.reason)
+                self._stall_reasons[key] += 1
+                self._stall_examples.setdefault(key, entry.reason)
+        if not self.max_stalled_rounds or self._stalled < self.max_stalled_rounds:
+            return
+        if self._stall_reasons:
+            key, count = self._stall_reasons.most_common(1)[0]
+            why = f"most frequent reason ({count} times): {self._stall_examples[key]}"
+        else:
+            why = "no node was sampled or every reply was valid but left the model unchanged"
+        raise FederationStalled(
+            f"round {server_round}: {self._stalled} rounds in a row changed nothing; {why}. "
+            f"Stopping the run (raise max_stalled_rounds={self.max_stalled_rounds}, or 0 to never stop)."
+        )
+
     def _reject(
         self, server_round: int, node: int, reason: str, *, failed: bool = False, kind: str = "invalid"
     ) -> None:
-        reason = _printable(reason)
+        reason = printable(reason)
         entry = Rejection(server_round, node, reason, failed, kind)
         if kind == "no-reply":
             self.missing.append(entry)
@@ -750,13 +909,6 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
     return str(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
-def _printable(text: str, limit: int = _REASON_CHARS) -> str:
-    """``text`` clipped to ``limit`` characters, control characters escaped (it may come from a client)."""
-    clipped = text[:limit]
-    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in clipped)
-    return out + (f"... [{len(text) - limit} more characters]" if len(text) > limit else "")
-
-
 def _accumulate(acc: dict[str, torch.Tensor], payload: Payload, weight: float) -> None:
     """Add ``weight`` x each rebuilt tensor to its float64 sum, one tensor alive at a time.
 
@@ -774,28 +926,13 @@ def _accumulate(acc: dict[str, torch.Tensor], payload: Payload, weight: float) -
         del delta
 
 
+def _zeros(specs: Specs) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(s, dtype=torch.float64) for n, (s, _) in specs.items()}
+
+
 def _plain_fedavg(strategy: Strategy) -> bool:
     """Whether ``strategy`` aggregates arrays exactly as Flower's FedAvg does (a subclass may not)."""
     return isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
-
-
-def _reply_weight(content: RecordDict, key: str) -> float:
-    records = list(content.metric_records.values())
-    if len(records) != 1:
-        raise _Rejected(f"expected exactly one MetricRecord, found {len(records)}")
-    if key not in records[0]:
-        raise _Rejected(f"metric {key!r} is missing")
-    value = records[0][key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Rejected(f"metric {key!r} must be a number, got {type(value).__name__}")
-    if isinstance(value, int) and value > MAX_WEIGHT:  # before float(): a huge int would overflow it
-        raise _Rejected(f"metric {key!r} = {value} exceeds the largest accepted weight 2**53")
-    weight = float(value)
-    if not math.isfinite(weight) or weight <= 0:
-        raise _Rejected(f"metric {key!r} must be positive and finite, got {value!r}")
-    if weight > MAX_WEIGHT:
-        raise _Rejected(f"metric {key!r} = {value!r} exceeds the largest accepted weight 2**53")
-    return weight
 
 
 def _synthetic_metadata(template: Message) -> Metadata:

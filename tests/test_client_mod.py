@@ -29,6 +29,9 @@ from osd_fl.records import (
 )
 from simulations.local_grid import make_context, train_message
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 TrainFn = Callable[[Message, Context], Message]
 
 SHAPES = {"fc1.weight": (48, 40), "fc1.bias": (48,), "fc2.weight": (10, 48)}

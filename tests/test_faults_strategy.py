@@ -20,7 +20,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 import osd_fl.codec
-import strategies.osd_strategy as osd_strategy_module
+import strategies.replies as replies_module
 from clients import osd_mod
 from osd_fl import CompressionConfig, compress, decompress
 from osd_fl.records import (
@@ -151,7 +151,7 @@ def test_an_unexpected_exception_while_validating_costs_only_that_reply(monkeypa
             raise IndexError("decoder bug")
         return real(data, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(osd_strategy_module, "decode", flaky)
+    monkeypatch.setattr(replies_module, "decode", flaky)
     strategy = OSDStrategy(FedAvg(), config=CFG)
     msgs = configure(strategy, 3)
     replies = [
@@ -199,8 +199,9 @@ def test_client_supplied_reasons_are_clipped_and_escaped(caplog: pytest.LogCaptu
     assert all(len(r.getMessage()) < 1_200 and "\n" not in r.getMessage() for r in caplog.records)
 
 
-def test_a_sum_that_leaves_the_model_dtype_keeps_the_model(caplog: pytest.LogCaptureFixture) -> None:
-    """float16 model near its range: finite, valid updates whose average overflows float16."""
+def test_values_beyond_the_dtypes_safe_range_are_rejected_per_reply(caplog: pytest.LogCaptureFixture) -> None:
+    """float16 model: finite, well-formed updates of 20000 (their mean would overflow float16) are refused
+    one by one (above 64 = sqrt(65504) / 4), and a model value already out there may stay."""
     base = {"w": torch.full((8, 8), 60000.0, dtype=torch.float16)}
     cfg = CompressionConfig(method="dense")
     strategy = OSDStrategy(FedAvg(), config=cfg)
@@ -212,8 +213,15 @@ def test_a_sum_that_leaves_the_model_dtype_keeps_the_model(caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING, logger="flwr.osd.strategy"):
         arrays, metrics = strategy.aggregate_train(1, [payload_reply(m, up) for m in msgs])
     assert arrays is None
-    assert metrics is not None and metrics["accepted"] == 2
-    assert any("not finite" in r.getMessage() for r in caplog.records)
+    assert metrics is not None and metrics["accepted"] == 0 and metrics["rejected"] == 2
+    assert all("the largest a float16 model accepts" in r.reason for r in strategy.rejections)
+    small = compress({"w": torch.full((8, 8), -1.0, dtype=torch.float16)}, config=cfg)
+    msgs = sorted(
+        strategy.configure_train(2, tensors_to_record(base), ConfigRecord(), grid), key=lambda m: m.metadata.dst_node_id
+    )
+    arrays, metrics = strategy.aggregate_train(2, [payload_reply(m, small) for m in msgs])
+    assert arrays is not None and metrics is not None and metrics["accepted"] == 2  # 60000 - 1 shrinks: allowed
+    assert torch.equal(record_to_tensors(arrays)["w"], torch.full((8, 8), 59999.0, dtype=torch.float16))
 
 
 def test_min_accepted() -> None:
@@ -236,10 +244,13 @@ def test_min_accepted() -> None:
 def test_sampling_is_the_inner_strategys(nodes: int, fraction: float, min_train: int) -> None:
     """Same nodes as the bare inner strategy with the same random state: max(int(N * fraction), min_train_nodes)."""
     kwargs = {"fraction_train": fraction, "min_train_nodes": min_train, "min_available_nodes": 2}
+    state = random.getstate()
     random.seed(7)
     bare = {m.metadata.dst_node_id for m in configure(FedAvg(**kwargs), nodes)}  # type: ignore[arg-type]
-    random.seed(7)
-    wrapped = {m.metadata.dst_node_id for m in configure(OSDStrategy(FedAvg(**kwargs), config=CFG), nodes)}  # type: ignore[arg-type]
+    random.setstate(state)
+    strategy = OSDStrategy(FedAvg(**kwargs), config=CFG, sampling_seed=7)  # type: ignore[arg-type]
+    wrapped = {m.metadata.dst_node_id for m in configure(strategy, nodes)}
+    assert random.getstate() == state  # sampled with the strategy's own generator, the caller's untouched
     assert wrapped == bare
     assert len(wrapped) == max(int(nodes * fraction), min_train)
 

@@ -18,6 +18,9 @@ from osd_fl import (
 )
 from tests.helpers import low_rank_plus_sparse
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 get_compressor(CompressionConfig())
 METHODS = sorted(REGISTRY)
 

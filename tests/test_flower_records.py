@@ -26,6 +26,9 @@ from osd_fl.records import (
 )
 from simulations.local_grid import train_message
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 
 def _blob() -> bytes:
     torch.manual_seed(0)

@@ -135,6 +135,7 @@ def test_local_grid_run_with_error_feedback_and_importance(tmp_path: Path) -> No
     assert summary["settings"]["compression"]["error_feedback"] is True
 
 
+@pytest.mark.usefixtures("isolated_engine")  # Flower's simulation engine (Ray) sets env vars and loggers
 def test_run_simulation_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's simulation engine (Ray): 2 SuperNodes, 2 rounds, the registered ClientApp."""
     from flwr.simulation import run_simulation

@@ -10,6 +10,9 @@ from torch import nn
 from osd_fl import ConfigError, compress, compute_importance, decompress
 from tests.helpers import weighted_rel_error
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 
 def _tiny() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)

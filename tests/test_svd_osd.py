@@ -13,6 +13,9 @@ from osd_fl.osd import OSD, damage_scores
 from osd_fl.svd import split_factors, truncated_svd
 from tests.helpers import low_rank_plus_sparse, weighted_rel_error
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 
 @pytest.mark.parametrize("shape", [(60, 40), (40, 90), (600, 300)])
 @pytest.mark.parametrize("mode", ["exact", "randomized"])

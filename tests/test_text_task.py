@@ -17,8 +17,10 @@ from torch import nn
 from osd_fl.errors import ConfigError
 from simulations import text_task as tt
 
+# test code here draws from torch's global generator: seeded per test and restored afterwards
+pytestmark = pytest.mark.usefixtures("global_rng")
+
 # One thread: these tests may run next to other processes on a 2-core machine.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
