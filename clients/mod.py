@@ -39,7 +39,9 @@ Messages other than ``train`` pass through untouched; so do train messages
 whose config has no ``osd.*`` key (a server that does not use
 :class:`~strategies.OSDStrategy` gets plain weights, with a warning). Any
 problem becomes an error reply with a reason, which the server counts as
-``failed``.
+``failed``; so does a Flower privacy mod (``fixedclipping_mod``,
+``LocalDpMod``, ...) running *outside* osd_mod, which must be inside it to
+clip the dense update (see :mod:`clients.privacy`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from clients.privacy import enclosing_privacy_mod, privacy_mod_order_error
 from osd_fl import CompressionConfig, CompressorState, ErrorFeedback, OSDError, compress
 from osd_fl.records import (
     IMPORTANCE_RECORD_KEY,
@@ -183,6 +186,9 @@ def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
             if reply.has_content() and IMPORTANCE_RECORD_KEY in reply.content:
                 del reply.content[IMPORTANCE_RECORD_KEY]
             return reply
+        outer = enclosing_privacy_mod()  # a Flower DP mod around osd_mod would reject the payload
+        if outer is not None:
+            return _error_reply(msg, privacy_mod_order_error(outer))
 
         sent = list(msg.content.array_records.values())
         if len(sent) != 1:

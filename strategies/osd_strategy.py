@@ -92,6 +92,7 @@ from osd_fl.records import (
 )
 from strategies.metering import ByteMeter, MeteredGrid
 from strategies.metrics import clean_reply, common_metrics, printable
+from strategies.privacy import check_inner_strategy_privacy, check_train_config_privacy
 from strategies.replies import MAX_WEIGHT, ReplyRejected, check_reply, decode_payload, reference_norm, reply_weight
 from strategies.safety import InnerGuard, OutOfRange, check_inner_strategy, out_of_range, record_out_of_range
 
@@ -289,6 +290,7 @@ class OSDStrategy(Strategy):
         self.config = config if config is not None else CompressionConfig()
         # what a correct client runs: the method's overrides applied (fails now on an unknown method)
         self._resolved = resolve_config(self.config)
+        check_inner_strategy_privacy(self.inner, self.config)  # DP wrappers: which orders work
         self.server_lr = float(server_lr)
         self.max_payload_bytes = max_payload_bytes
         self.meter = meter if meter is not None else ByteMeter()
@@ -367,6 +369,7 @@ class OSDStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Add the ``osd.*`` settings to ``config``; the inner strategy builds the messages."""
+        check_train_config_privacy(self.inner, config, grid)  # a DP wrapper around this strategy
         self.meter.begin_round(server_round)
         self._global = arrays
         self._global_round = server_round

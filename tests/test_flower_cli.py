@@ -202,3 +202,48 @@ def test_deployment_on_loopback(processes: Processes, tmp_path: Path) -> None:
     # context.state survived between rounds although each round ran in a new ClientApp process.
     assert summary["train"]["1"]["osd-residual-in-norm"] == 0.0
     assert summary["train"]["2"]["osd-residual-in-norm"] > 0.0
+
+
+def test_a_run_in_which_nothing_succeeds_fails_loudly(processes: Processes, tmp_path: Path) -> None:
+    """Every reply is over the payload limit (max-payload-bytes=1): after max_stalled_rounds=3 rounds the
+    ServerApp stops with FederationStalled naming the reason, and Flower records the run as failed."""
+    port = _free_port()
+    link = processes.start(
+        "superlink",
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(tmp_path / "superlink.db"),
+    )
+    _wait_for_port(port, link, processes)
+    options = "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+    _write_flower_config(tmp_path / "flwr_home", "sim", port, options)
+    cmd = [
+        str(BIN / "flwr"),
+        "run",
+        str(ROOT),
+        "sim",
+        "--stream",
+        "--run-config",
+        "num-server-rounds=6 max-payload-bytes=1 central-eval=false fraction-evaluate=0.0",
+    ]
+    done = subprocess.run(cmd, env=processes.env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    out = done.stdout + done.stderr
+    assert "FederationStalled" in out or "rounds in a row changed nothing" in out, f"{out[-5000:]}\n{processes.tails()}"
+    assert "exceed the limit of 1 bytes" in out, out[-5000:]
+    assert "[ROUND 4]" not in out  # stopped at round 3 of 6
+    # Flower 1.42's `flwr run --stream` exits 0 whatever the ServerApp did; the run's status says failed.
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "ls", "sim", "--format", "json"],
+        env=processes.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "failed" in (listed.stdout + listed.stderr).lower(), listed.stdout + listed.stderr
