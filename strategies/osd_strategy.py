@@ -65,7 +65,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message import make_message
-from flwr.common.constant import SType
+from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -305,6 +305,7 @@ class OSDStrategy(Strategy):
         self._global: ArrayRecord | None = None
         self._global_round = -1
         self._sampled: set[int] = set()
+        self._sent: list[Message] = []
         self._stalled = 0
         self._stall_reasons: Counter[str] = Counter()
         self._stall_examples: dict[str, str] = {}
@@ -377,6 +378,7 @@ class OSDStrategy(Strategy):
             config[key] = value
         messages = list(self._guard.call(self.inner.configure_train, server_round, arrays, config, grid))
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        self._sent = messages  # the grid stamps their message ids when it pushes them
         return messages
 
     def aggregate_train(
@@ -584,8 +586,13 @@ class OSDStrategy(Strategy):
         kept: list[_Valid] = []
         total_weight = 0.0
         answered: set[int] = set()
+        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            if node == SUPERLINK_NODE_ID and msg.has_error():
+                # The SuperLink answers, from its own id, for a node whose heartbeat lapsed
+                # (NODE_UNAVAILABLE) or whose reply expired: count it for the node it stands for.
+                node = sent_to.get(msg.metadata.reply_to_message_id, node)
             if node not in self._sampled or node in answered:
                 counts[METRIC_REJECTED] += 1
                 why = "a second reply from this node" if node in answered else "node was not sampled this round"

@@ -340,3 +340,20 @@ def test_a_round_where_everyone_misbehaves_keeps_the_model_and_later_rounds_proc
         assert torch.equal(models[2][name], models[1][name])  # round 2: nothing accepted, model kept
     assert_model(tensors_to_record(models[3]), reference([sent[(3, 0)], sent[(3, 1)]], base=models[2]))
     assert counts(result.train_metrics_clientapp[2]) == (0, 1, 1, 0)
+
+
+def test_an_error_the_superlink_sends_for_a_dead_node_counts_once_for_that_node() -> None:
+    """Flower's SuperLink answers for a node whose heartbeat lapsed with NODE_UNAVAILABLE from its own id (1);
+    found by tests/test_faults_deployment.py: the dead node used to count as rejected *and* failed."""
+    strategy = OSDStrategy(FedAvg(), config=CFG)
+    msgs = configure(strategy, 3)
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"sent-{i}"  # what the grid stamps when it pushes them (no setter)
+    dead = error_reply(msgs[1], "node unavailable")
+    dead.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id (SUPERLINK_NODE_ID)
+    dead.metadata.__dict__["_reply_to_message_id"] = "sent-1"
+    replies = [payload_reply(msgs[0], blob(0)), dead, payload_reply(msgs[2], blob(2))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert counts(metrics) == (2, 0, 1, 0)
+    (rejection,) = strategy.rejections
+    assert rejection.node_id == msgs[1].metadata.dst_node_id and rejection.kind == "error"
