@@ -33,8 +33,8 @@ test: $(STAMP)
 # The default suite again, shuffled (seed printed in the header) and with one torch thread
 # (the session default is the machine's count), then reversed with two.
 test-shuffled: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q --test-order=random --torch-threads=1
-	$(BIN)/python -m pytest -m "not slow" -q --test-order=reverse --torch-threads=2
+	$(BIN)/python -m pytest -m "not slow" --test-order=random --torch-threads=1
+	$(BIN)/python -m pytest -m "not slow" --test-order=reverse --torch-threads=2
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x -q
