@@ -41,8 +41,8 @@ from tests.test_flower_cli import (
     Processes,
     _env,
     _free_port,
-    _wait_for_port,
     _write_flower_config,
+    start_superlink,
 )
 
 pytestmark = pytest.mark.slow
@@ -99,20 +99,7 @@ def _node_id(log: Path, procs: Processes, proc: subprocess.Popen[bytes], timeout
 
 def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    port = _free_port()
-    link = processes.start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--database",
-        str(tmp_path / "superlink.db"),
-    )
-    _wait_for_port(port, link, processes)
+    port = start_superlink(processes, tmp_path)
 
     def start_node(pid: int, name: str) -> subprocess.Popen[bytes]:
         return processes.start(

@@ -107,6 +107,27 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, t
     pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout}s\n{procs.tails()}")
 
 
+def start_superlink(procs: Processes, tmp_path: Path, *, simulation: bool = False) -> int:
+    """Start a SuperLink on a free 127.0.0.1 port (``--simulation`` for ``flwr run`` simulations); return the port."""
+    port = _free_port()
+    mode = ["--simulation"] if simulation else []
+    link = procs.start(
+        "superlink",
+        "flower-superlink",
+        "--insecure",
+        *mode,
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(tmp_path / "superlink.db"),
+    )
+    _wait_for_port(port, link, procs)
+    return port
+
+
 def _write_flower_config(flwr_home: Path, name: str, port: int, options: str = "") -> None:
     text = f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     (flwr_home / "config.toml").write_text(text + options)
@@ -143,21 +164,7 @@ def _check_result(results: Path, rounds: int, nodes: int) -> dict[str, Any]:
 
 def test_flwr_run_simulation(processes: Processes, tmp_path: Path) -> None:
     """``flwr run .`` against a simulation SuperLink, with --run-config overrides."""
-    port = _free_port()
-    link = processes.start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--simulation",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--database",
-        str(tmp_path / "superlink.db"),
-    )
-    _wait_for_port(port, link, processes)
+    port = start_superlink(processes, tmp_path, simulation=True)
     options = "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
     _write_flower_config(tmp_path / "flwr_home", "sim", port, options)
     results = tmp_path / "results"
@@ -169,20 +176,7 @@ def test_flwr_run_simulation(processes: Processes, tmp_path: Path) -> None:
 
 def test_deployment_on_loopback(processes: Processes, tmp_path: Path) -> None:
     """A SuperLink and two SuperNodes on 127.0.0.1; every ClientApp call is a fresh process."""
-    port = _free_port()
-    link = processes.start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--database",
-        str(tmp_path / "superlink.db"),
-    )
-    _wait_for_port(port, link, processes)
+    port = start_superlink(processes, tmp_path)
     for i in range(2):
         processes.start(
             f"supernode{i}",
@@ -207,21 +201,7 @@ def test_deployment_on_loopback(processes: Processes, tmp_path: Path) -> None:
 def test_a_run_in_which_nothing_succeeds_fails_loudly(processes: Processes, tmp_path: Path) -> None:
     """Every reply is over the payload limit (max-payload-bytes=1): after max_stalled_rounds=3 rounds the
     ServerApp stops with FederationStalled naming the reason, and Flower records the run as failed."""
-    port = _free_port()
-    link = processes.start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--simulation",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--database",
-        str(tmp_path / "superlink.db"),
-    )
-    _wait_for_port(port, link, processes)
+    port = start_superlink(processes, tmp_path, simulation=True)
     options = "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
     _write_flower_config(tmp_path / "flwr_home", "sim", port, options)
     cmd = [
