@@ -498,22 +498,6 @@ _TORCH_DTYPES = {
 }
 
 
-def rebuild_is_finite(rec: TensorRecord) -> bool:
-    """Whether :func:`reconstruct` of this decoded record is finite by construction.
-
-    True for float32, float64 and bfloat16 tensors: every decoded value is
-    finite with magnitude at most :data:`VALUE_LIMIT` = 2**48, so a product
-    of two factors is at most 2**96 and a sum of up to 2**16 of them (the
-    inner dimension) at most 2**112, below 2**128, where float32 and
-    bfloat16 (the same exponent range) overflow. False for float16 (it tops
-    out at 65504) and for a longer inner dimension: a receiver must rebuild
-    such a record and let :func:`reconstruct` check.
-    """
-    if rec.dtype not in ("float32", "float64", "bfloat16"):
-        return rec.kind == Kind.ZERO
-    return rec.kind != Kind.LOWRANK or rec.rank <= 2**16
-
-
 def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
     """Rebuild one tensor (float32 compute, then the record's dtype).
 

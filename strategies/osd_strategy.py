@@ -560,11 +560,12 @@ class OSDStrategy(Strategy):
                 self.min_accepted,
             )
             return None, self._client_metrics(kept)
-        arrays, inner_metrics = self._step_within_range(
+        arrays, inner_metrics, client_metrics = self._step_within_range(
             server_round, global_record, specs, specs_all, limit, kept, acc, total_weight, counts
         )
         counts[METRIC_ACCEPTED] = len(kept) if arrays is not None else 0
-        client_metrics = self._client_metrics(kept)
+        if client_metrics is None:  # no step taken: the metrics of what was left
+            client_metrics = self._client_metrics(kept)
         merged = MetricRecord(dict(client_metrics.items()))
         if inner_metrics is not None:
             for key, value in inner_metrics.items():
@@ -691,16 +692,24 @@ class OSDStrategy(Strategy):
         acc: dict[str, torch.Tensor],
         total_weight: float,
         counts: dict[str, int],
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The new model from ``acc``, leaving out the replies that push it out of range (``kept`` shrinks)."""
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, MetricRecord | None]:
+        """The new model from ``acc``, leaving out the replies that push it out of range (``kept`` shrinks).
+
+        Returns the new model, the inner strategy's metrics and the clients'
+        metrics over the final ``kept`` (``None, None, None`` when no model
+        within range could be formed).
+        """
         while kept:
             candidate, where = self._apply_step(global_record, acc, self.server_lr / total_weight)
             inner_metrics: MetricRecord | None = None
             stage = "the mean"
             if candidate is not None:
-                arrays, inner_metrics, where = self._inner_step(server_round, global_record, specs_all, candidate, kept)
+                client_metrics = self._client_metrics(kept)
+                arrays, inner_metrics, where = self._inner_step(
+                    server_round, global_record, specs_all, candidate, kept, client_metrics
+                )
                 if where is None:
-                    return arrays, inner_metrics
+                    return arrays, inner_metrics, client_metrics
                 stage = f"{type(self.inner).__name__}'s step"
             assert where is not None
             culprit = self._culprit(kept, where, specs, limit)
@@ -713,7 +722,7 @@ class OSDStrategy(Strategy):
                     where.describe(),
                 )
                 counts[METRIC_ROUND_KEPT_OUT] = 1
-                return None, None
+                return None, None, None
             counts[METRIC_REJECTED] += 1
             counts[METRIC_REJECTED_RANGE] += 1
             self._reject(
@@ -726,7 +735,7 @@ class OSDStrategy(Strategy):
             kept.remove(culprit)
             if kept:
                 total_weight = self._resum(kept, specs, limit, acc)
-        return None, None
+        return None, None, None
 
     def _inner_step(
         self,
@@ -735,10 +744,11 @@ class OSDStrategy(Strategy):
         specs_all: Specs,
         candidate: ArrayRecord,
         kept: list[_Valid],
+        client_metrics: MetricRecord,
     ) -> tuple[ArrayRecord | None, MetricRecord | None, OutOfRange | None]:
         """Let the inner strategy step from ``candidate``; roll it back if its result leaves the safe range."""
         total_weight = math.fsum(v.weight for v in kept)
-        reply_metrics = MetricRecord(dict(self._client_metrics(kept).items()))
+        reply_metrics = MetricRecord(dict(client_metrics.items()))
         reply_metrics[self.weighted_by_key] = total_weight
         if _plain_fedavg(self.inner):
             # FedAvg of one reply is that reply's arrays times w / w = 1.0,

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sklearn  # noqa: F401  (sets KMP_* environment variables on import: once, before any test's snapshot)
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

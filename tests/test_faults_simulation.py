@@ -23,7 +23,6 @@ import struct
 from collections.abc import Iterable
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
@@ -137,7 +136,6 @@ class _LossyGrid(LocalGrid):
         return replies
 
 
-@pytest.mark.usefixtures("isolated_engine")  # Flower's simulation engine (Ray) sets env vars and loggers
 def test_run_completes_and_each_round_is_fedavg_of_the_honest_clients() -> None:
     honest: dict[int, list[tuple[bytes, float]]] = {r: [] for r in range(1, ROUNDS + 1)}
     app = ClientApp()
