@@ -560,7 +560,7 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
     from flwr.clientapp import ClientApp
 
     from osd_fl.records import tensors_to_record
-    from simulations.local_grid import LocalGrid
+    from strategies.local_grid import LocalGrid
 
     quick, n_clients, rank = spec["quick"], spec["clients"], spec["rank"]
     shapes = model_shapes(spec["model"], quick)
@@ -847,7 +847,7 @@ def section_codec(args: argparse.Namespace) -> None:
     from flwr.clientapp import ClientApp
     from flwr.common.serde import message_to_proto
 
-    from simulations.local_grid import LocalGrid, train_message
+    from strategies.local_grid import LocalGrid, train_message
 
     header("3. Codec: bytes of the kept entries, Flower framing, encode/decode speed", args)
     ranks = [1, 4] if args.quick else [1, 4, 16]
@@ -1245,7 +1245,7 @@ def _run_rounds(
 
     from osd_fl import CompressionConfig
     from osd_fl.records import METRIC_COMPRESS_SECONDS, tensors_to_record
-    from simulations.local_grid import LocalGrid
+    from strategies.local_grid import LocalGrid
     from strategies import ByteMeter, MeteredGrid, OSDStrategy
 
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)

@@ -3,7 +3,7 @@
 The client is a plain Flower ClientApp with ``mods=[osd_mod]`` and an
 :func:`~clients.attach_importance` call; the server is FedAvg wrapped in
 :class:`~strategies.OSDStrategy`. :func:`run_text_fl` runs them for a number
-of rounds, by default on :class:`~simulations.local_grid.LocalGrid` (every
+of rounds, by default on :class:`~strategies.local_grid.LocalGrid` (every
 message serialized to protobuf and back, every byte metered as Flower
 sends it, clients one after another in this process so that the frozen
 activation cache is built once), or on any Flower ``Grid``.
@@ -33,7 +33,7 @@ from osd_fl.records import (
     tensors_to_record,
 )
 from simulations.devices import seeded
-from simulations.local_grid import LocalGrid
+from strategies.local_grid import LocalGrid
 from simulations.text_task import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
 

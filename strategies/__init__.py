@@ -6,7 +6,8 @@
     from strategies import OSDStrategy
     strategy = OSDStrategy(FedAvg(), config=CompressionConfig(rank=2))
 
-Pair it with :func:`clients.osd_mod` on the ClientApp.
+Pair it with :func:`clients.osd_mod` on the ClientApp. :class:`strategies.local_grid.LocalGrid`
+runs a ServerApp's strategy against ClientApps in this process (tests, fast sweeps).
 """
 
 from strategies.metering import ByteMeter, MessageSize, MeteredGrid, TrafficRow, message_size

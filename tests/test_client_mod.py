@@ -27,7 +27,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from simulations.local_grid import make_context, train_message
+from strategies.local_grid import make_context, train_message
 
 # test code here draws from torch's global generator: seeded per test and restored afterwards
 pytestmark = pytest.mark.usefixtures("global_rng")

@@ -33,7 +33,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from simulations.local_grid import LocalGrid, make_context, train_message
+from strategies.local_grid import LocalGrid, make_context, train_message
 from strategies import OSDStrategy
 
 SHAPES = {"fc1.weight": (40, 32), "fc1.bias": (40,), "fc2.weight": (6, 40)}

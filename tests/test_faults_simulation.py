@@ -40,7 +40,7 @@ from osd_fl.records import (
 )
 from simulations import digits_client
 from simulations.digits_task import build_model
-from simulations.local_grid import LocalGrid
+from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
 from tests.test_security_fuzz_decoder import raw_payload, raw_record, walk, with_crc
 

@@ -30,7 +30,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from simulations.local_grid import LocalGrid
+from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
 
 SHAPES = {"fc1.weight": (32, 24), "fc1.bias": (32,), "fc2.weight": (5, 32)}

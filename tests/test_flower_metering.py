@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
-from simulations.local_grid import LocalGrid, train_message
+from strategies.local_grid import LocalGrid, train_message
 from strategies.metering import ByteMeter, MessageSize, MeteredGrid, message_size
 
 

@@ -24,7 +24,7 @@ from osd_fl.records import (
     tensors_to_record,
     unknown_config_keys,
 )
-from simulations.local_grid import train_message
+from strategies.local_grid import train_message
 
 # test code here draws from torch's global generator: seeded per test and restored afterwards
 pytestmark = pytest.mark.usefixtures("global_rng")

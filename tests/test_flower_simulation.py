@@ -20,7 +20,7 @@ from osd_fl.records import PAYLOAD_RECORD_KEY, STATE_RESIDUAL_KEY, record_to_pay
 from simulations.digits_client import app as client_app
 from simulations.digits_config import DigitsSettings
 from simulations.digits_server import run_server
-from simulations.local_grid import LocalGrid
+from strategies.local_grid import LocalGrid
 
 
 class RecordingGrid(Grid):

@@ -37,7 +37,7 @@ from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError, compress, encode
 from osd_fl.payload import Kind, Payload, Section, TensorRecord
 from osd_fl.records import config_to_record, record_to_tensors, tensors_to_record
-from simulations.local_grid import LocalGrid
+from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
 from strategies.osd_strategy import FederationStalled
 from tests.test_faults_strategy import CFG, GLOBAL, SHAPES, blob, configure, counts, error_reply, payload_reply
@@ -312,7 +312,7 @@ def test_class6_settings_beyond_what_can_run_are_refused_by_the_client(key: str,
         called.append(1)
         return _trainer()(m, c)
 
-    from simulations.local_grid import make_context
+    from strategies.local_grid import make_context
 
     reply = osd_mod(msg, make_context(5), train)
     field = key.removeprefix("osd.").replace("-", "_")

@@ -134,7 +134,7 @@ _SUBPROCESS = textwrap.dedent(
     from flwr.serverapp.strategy import FedAvg
     from osd_fl import CompressionConfig, PayloadError, compress, decompress
     from osd_fl.records import PAYLOAD_RECORD_KEY, payload_to_record, tensors_to_record
-    from simulations.local_grid import LocalGrid
+    from strategies.local_grid import LocalGrid
     from strategies import OSDStrategy
 
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from simulations.local_grid import LocalGrid, make_context
+from strategies.local_grid import LocalGrid, make_context
 from strategies import OSDStrategy
 
 SHAPES = {"fc1.weight": (48, 40), "fc1.bias": (48,), "fc2.weight": (10, 48), "fc2.bias": (10,)}
