@@ -9,13 +9,16 @@
 ['fc.bias', 'fc.weight']
 """
 
-from osd_fl.api import compress, decompress, describe, payload_budget, resolve_config
-from osd_fl.codec import decode, encode
+from osd_fl.api import compress, decompress, describe, payload_budget, payload_limit, resolve_config
+from osd_fl.budget import total_dense_bytes
+from osd_fl.checks import check_conformance, exceeds, record_sq_norm, value_limit
+from osd_fl.codec import decode, encode, iter_tensors, reconstruct
 from osd_fl.compressor import REGISTRY, Compressor, CompressorState, get_compressor, register
 from osd_fl.config import CompressionConfig
 from osd_fl.errors import ConfigError, OSDError, PayloadError
 from osd_fl.feedback import ErrorFeedback
 from osd_fl.importance import compute_importance
+from osd_fl.payload import Kind, Payload, Section, TensorRecord
 
 __version__ = "0.1.0"
 
@@ -26,16 +29,28 @@ __all__ = [
     "CompressorState",
     "ConfigError",
     "ErrorFeedback",
+    "Kind",
     "OSDError",
+    "Payload",
     "PayloadError",
+    "Section",
+    "TensorRecord",
+    "check_conformance",
     "compress",
     "compute_importance",
     "decode",
     "decompress",
     "describe",
     "encode",
+    "exceeds",
     "get_compressor",
+    "iter_tensors",
     "payload_budget",
+    "payload_limit",
+    "reconstruct",
+    "record_sq_norm",
     "register",
     "resolve_config",
+    "total_dense_bytes",
+    "value_limit",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from osd_fl.budget import matrix_budget
+from osd_fl.budget import matrix_budget, total_dense_bytes
 from osd_fl.codec import MAX_ELEMENTS, TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
 from osd_fl.compressor import REGISTRY, CompressorState, MatrixItem, dense_record, get_compressor
 from osd_fl.config import CompressionConfig
@@ -114,6 +114,23 @@ def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfi
     routes = plan_routes(shapes, cfg, all_dense=comp.all_dense)
     fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
     return fixed + matrices
+
+
+#: Framing slack allowed on top of twice the float32 model for an unbudgeted method.
+UNBUDGETED_SLACK = 64 * 1024
+
+
+def payload_limit(shapes: Mapping[str, Sequence[int]], config: CompressionConfig | None = None, **options: Any) -> int:
+    """Largest payload (bytes) a server accepts from an honest client for tensors of ``shapes``.
+
+    For a budgeted method (or an explicit ``budget_bytes``) it is
+    :func:`payload_budget`; for an unbudgeted one (dense, fp16, int8) twice the
+    float32 model plus 64 KiB of framing.
+    """
+    cfg = resolve_config(config, **options)
+    if get_compressor(cfg).budgeted or cfg.budget_bytes:
+        return payload_budget(shapes, cfg)
+    return 2 * total_dense_bytes(shapes, 4) + UNBUDGETED_SLACK
 
 
 def _all_finite(t: torch.Tensor) -> bool:

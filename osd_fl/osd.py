@@ -172,9 +172,7 @@ def candidate_errors(
         quad_t = torch.zeros(len(ks), dtype=torch.float64, device=m.device).index_add_(0, owner, per_pair)
         quads = quad_t.tolist()
     per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
-    return [
-        base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)
-    ]
+    return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
 
 
 @functools.lru_cache(maxsize=64)

@@ -70,8 +70,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from osd_fl import CompressionConfig, ConfigError, PayloadError, get_compressor, payload_budget, resolve_config
-from osd_fl.budget import total_dense_bytes
+from osd_fl import (
+    CompressionConfig,
+    ConfigError,
+    PayloadError,
+    payload_limit,
+    resolve_config,
+)
 from osd_fl.codec import reconstruct
 from osd_fl.payload import Payload
 from osd_fl.records import (
@@ -102,7 +107,6 @@ __all__ = ["MAX_WEIGHT", "FederationStalled", "OSDStrategy", "Rejection"]
 log = logging.getLogger("flwr.osd.strategy")
 
 #: Slack for framing when a method has no byte budget (dense, fp16, int8).
-_UNBUDGETED_SLACK = 64 * 1024
 
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -517,9 +521,7 @@ class OSDStrategy(Strategy):
         if record is None:
             raise ConfigError("no global model yet: call configure_train first or pass arrays")
         shapes = {n: s for n, (s, dt) in record_specs(record).items() if dt.is_floating_point}
-        if get_compressor(self._resolved).budgeted or self.config.budget_bytes:
-            return payload_budget(shapes, self.config)
-        return 2 * total_dense_bytes(shapes, 4) + _UNBUDGETED_SLACK
+        return payload_limit(shapes, self._resolved)
 
     def _aggregate(
         self,
