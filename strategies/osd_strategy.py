@@ -106,8 +106,6 @@ __all__ = ["MAX_WEIGHT", "FederationStalled", "OSDStrategy", "Rejection"]
 # A child of Flower's logger, so messages show in the ServerApp's console like Flower's own.
 log = logging.getLogger("flwr.osd.strategy")
 
-#: Slack for framing when a method has no byte budget (dense, fp16, int8).
-
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
