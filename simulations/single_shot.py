@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from osd_fl import compress, compute_importance, decompress
-from simulations.text_task import (
+from simulations.text import (
     TextTask,
     TextTaskConfig,
     client_split,

