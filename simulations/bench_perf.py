@@ -1245,8 +1245,8 @@ def _run_rounds(
 
     from osd_fl import CompressionConfig
     from osd_fl.records import METRIC_COMPRESS_SECONDS, tensors_to_record
-    from strategies.local_grid import LocalGrid
     from strategies import ByteMeter, MeteredGrid, OSDStrategy
+    from strategies.local_grid import LocalGrid
 
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
     meter = ByteMeter()

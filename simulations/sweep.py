@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from osd_fl import CompressionConfig
 from simulations.devices import torch_threads
-from simulations.text_fl import RoundRow, run_text_fl
 from simulations.text import TextTaskConfig
+from simulations.text_fl import RoundRow, run_text_fl
 
 __all__ = ["METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
 

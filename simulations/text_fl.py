@@ -33,9 +33,9 @@ from osd_fl.records import (
     tensors_to_record,
 )
 from simulations.devices import seeded
-from strategies.local_grid import LocalGrid
 from simulations.text import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid
 
 __all__ = ["RoundRow", "get_task", "make_client_app", "run_text_fl"]
 

@@ -11,6 +11,16 @@ runs a ServerApp's strategy against ClientApps in this process (tests, fast swee
 """
 
 from strategies.metering import ByteMeter, MessageSize, MeteredGrid, TrafficRow, message_size
-from strategies.osd_strategy import OSDStrategy, Rejection
+from strategies.osd_strategy import OSDStrategy
+from strategies.reporting import FederationStalled, Rejection
 
-__all__ = ["ByteMeter", "MessageSize", "MeteredGrid", "OSDStrategy", "Rejection", "TrafficRow", "message_size"]
+__all__ = [
+    "ByteMeter",
+    "FederationStalled",
+    "MessageSize",
+    "MeteredGrid",
+    "OSDStrategy",
+    "Rejection",
+    "TrafficRow",
+    "message_size",
+]

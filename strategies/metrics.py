@@ -18,12 +18,16 @@ Text that reaches a log line is clipped and escaped by :func:`printable`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from osd_fl import records as rk
 
@@ -31,9 +35,11 @@ __all__ = [
     "MAX_ENTRIES",
     "MAX_NAME_CHARS",
     "RESERVED",
+    "aggregate_client_metrics",
     "clean_metrics",
     "clean_reply",
     "common_metrics",
+    "merge_metrics",
     "printable",
 ]
 
@@ -158,3 +164,37 @@ def common_metrics(records: list[MetricRecord]) -> tuple[list[int], list[MetricR
             kept.append(i)
             out.append(MetricRecord({k: record[k] for k in record if k in common}))
     return kept, out
+
+
+def aggregate_client_metrics(inner: Strategy, replies: list[Message], weight_key: str) -> MetricRecord:
+    """The clients' train metrics over ``replies`` (already cleaned), aggregated the inner strategy's way.
+
+    Restricted to the names most replies share (:func:`common_metrics`);
+    the inner strategy's ``train_metrics_aggr_fn`` if it has one, else
+    Flower's weighted average. A failure costs the metrics, never the round.
+    """
+    records = [next(iter(msg.content.metric_records.values())) for msg in replies]
+    _, restricted = common_metrics(records)
+    contents = [RecordDict({"metrics": record}) for record in restricted]
+    if not contents:
+        return MetricRecord()
+    fn = getattr(inner, "train_metrics_aggr_fn", None) or aggregate_metricrecords
+    try:
+        result = fn(contents, weight_key)
+        if isinstance(result, MetricRecord):
+            return result
+    except Exception:  # metrics must not cost the round
+        logging.getLogger("flwr.osd.strategy").warning(
+            "client train metrics could not be aggregated; continuing without them", exc_info=True
+        )
+    return MetricRecord()
+
+
+def merge_metrics(*parts: Mapping[str, Any] | None) -> MetricRecord:
+    """One ``MetricRecord`` of ``parts`` in order (a later part's value wins); ``None`` parts are skipped."""
+    merged = MetricRecord()
+    for part in parts:
+        if part is not None:
+            for key, value in part.items():
+                merged[key] = value
+    return merged

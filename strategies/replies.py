@@ -25,19 +25,27 @@ rebuilt tensors) and, when asked, its update norm, or raises
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Final
 
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
 
-from osd_fl import CompressionConfig, PayloadError, decode
-from osd_fl.checks import check_conformance, exceeds, record_sq_norm, value_limit
-from osd_fl.payload import Payload
+from osd_fl import (
+    CompressionConfig,
+    Payload,
+    PayloadError,
+    check_conformance,
+    decode,
+    exceeds,
+    record_sq_norm,
+    value_limit,
+)
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload
+from strategies.metrics import clean_reply, common_metrics
 
-__all__ = ["MAX_WEIGHT", "ReplyRejected", "check_reply", "reference_norm", "reply_weight", "update_norm"]
+__all__ = ["MAX_WEIGHT", "ReplyRejected", "check_evaluate_replies", "check_reply", "reply_weight", "update_norm"]
 
 #: Largest accepted ``num-examples``: every integer up to it is exact in float64,
 #: and weight times the largest decodable value stays far from overflow.
@@ -138,24 +146,41 @@ def check_reply(
     return weight, payload, norm
 
 
-def reference_norm(norms: Sequence[float]) -> float:
-    """The relative norm bound's reference: the median of the norms without the smallest one.
+def check_evaluate_replies(replies: list[Message], weight_key: str) -> tuple[list[Message], int, list[tuple[int, str]]]:
+    """The evaluate replies fit for the inner strategy's metric aggregation.
 
-    Why not the plain median: one reply added to a set of honest replies
-    shifts the plain median down by half a position whatever its weight (a
-    zero update with weight 5e-324 is enough), so an honest reply near the
-    threshold could be excluded by someone else's reply. Dropping the
-    smallest norm first makes the reference the largest median of the
-    replies with any one of them removed, so with honest replies ``H`` and
-    any single other reply it is at least ``median(H)``: an honest reply
-    within ``factor x median(H)`` stays accepted, and a large extra reply
-    can raise the reference by at most one order statistic of ``H``. The
-    cost is detection power with very few replies: with two, both are
-    always within the bound (nobody can tell which one is the outlier);
-    with three, an outlier is caught only above ``factor`` times the mean
-    of the two larger norms. With one reply, the reference is its own norm.
+    An error reply is skipped (the inner strategy counts it); one with a bad
+    weight or without the metric names most replies share
+    (:func:`strategies.metrics.common_metrics`) is left out with a reason;
+    the others' metrics are cleaned and restricted to those shared names.
+
+    Returns
+    -------
+    tuple
+        The harmonised replies, the number of metric entries dropped, and
+        ``(node, reason)`` for each reply left out.
     """
-    ordered = sorted(norms)
-    if not ordered:
-        raise ValueError("reference_norm of no norms")
-    return float(statistics.median(ordered[1:] or ordered))
+    usable: list[Message] = []
+    records: list[MetricRecord] = []
+    left_out: list[tuple[int, str]] = []
+    dropped = 0
+    for msg in replies:
+        if msg.has_error():
+            continue  # counted by the inner strategy's own reply check
+        try:
+            reply_weight(msg.content, weight_key)
+        except ReplyRejected as exc:
+            left_out.append((int(msg.metadata.src_node_id), f"evaluate reply: {exc}"))
+            continue
+        cleaned, n = clean_reply(msg, weight_key)
+        dropped += n
+        usable.append(cleaned)
+        records.append(next(iter(cleaned.content.metric_records.values())))
+    kept, restricted = common_metrics(records)
+    harmonised = [
+        make_message(metadata=usable[i].metadata, content=RecordDict({"metrics": record}))
+        for i, record in zip(kept, restricted, strict=True)
+    ]
+    for i in sorted(set(range(len(usable))) - set(kept)):
+        left_out.append((int(usable[i].metadata.src_node_id), "evaluate reply lacks metrics the other replies carry"))
+    return harmonised, dropped, left_out

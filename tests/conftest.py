@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import sklearn  # noqa: F401  (sets KMP_* environment variables on import: once, before any test's snapshot)
 import torch
-import torch._dynamo  # noqa: F401  (the first optimizer imports it, and it sets TORCHINDUCTOR_CACHE_DIR: once, here)
+import torch._dynamo  # (the first optimizer imports it, and it sets TORCHINDUCTOR_CACHE_DIR: once, here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -33,8 +33,8 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from strategies.local_grid import LocalGrid, make_context, train_message
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid, make_context, train_message
 
 SHAPES = {"fc1.weight": (40, 32), "fc1.bias": (40,), "fc2.weight": (6, 40)}
 CFG = CompressionConfig(method="osd", rank=1, min_numel=128, importance="ones", error_feedback=True)

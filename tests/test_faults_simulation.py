@@ -40,8 +40,8 @@ from osd_fl.records import (
 )
 from simulations import digits_client
 from simulations.digits_task import build_model
-from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid
 from tests.test_security_fuzz_decoder import raw_payload, raw_record, walk, with_crc
 
 NODES, ROUNDS = 10, 4

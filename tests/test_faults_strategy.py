@@ -30,8 +30,8 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid
 
 SHAPES = {"fc1.weight": (32, 24), "fc1.bias": (32,), "fc2.weight": (5, 32)}
 CFG = CompressionConfig(method="osd", rank=2, min_numel=128, importance="ones")

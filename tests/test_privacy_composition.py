@@ -43,8 +43,8 @@ from clients import osd_mod
 from clients.privacy import enclosing_privacy_mod
 from osd_fl import CompressionConfig, ConfigError, compress, decompress
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload, record_to_tensors, tensors_to_record
-from strategies.local_grid import LocalGrid
 from strategies import ByteMeter, MeteredGrid, OSDStrategy
+from strategies.local_grid import LocalGrid
 from strategies.privacy import KEY_CLIPPING_NORM, check_inner_strategy_privacy, check_train_config_privacy
 
 SHAPES = {"fc.weight": (48, 40), "fc.bias": (48,)}  # 1968 values: enough for a noise scale within a few %

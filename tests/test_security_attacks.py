@@ -37,9 +37,8 @@ from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError, compress, encode
 from osd_fl.payload import Kind, Payload, Section, TensorRecord
 from osd_fl.records import config_to_record, record_to_tensors, tensors_to_record
+from strategies import FederationStalled, OSDStrategy
 from strategies.local_grid import LocalGrid
-from strategies import OSDStrategy
-from strategies.osd_strategy import FederationStalled
 from tests.test_faults_strategy import CFG, GLOBAL, SHAPES, blob, configure, counts, error_reply, payload_reply
 
 # --- building hostile payloads by hand ------------------------------------------------------------

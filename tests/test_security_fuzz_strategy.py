@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 
 from osd_fl import CompressionConfig, PayloadError, compress, decompress
 from osd_fl.records import PAYLOAD_ARRAY_KEY, PAYLOAD_RECORD_KEY, PAYLOAD_STYPE, payload_to_record, tensors_to_record
-from strategies.local_grid import LocalGrid
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid
 from tests.test_security_fuzz_decoder import Case, Specs, draw_case
 
 FAST_EXAMPLES = 100

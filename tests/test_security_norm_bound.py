@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 import osd_fl.codec
-import strategies.osd_strategy as osd_strategy_module
+import strategies.aggregation as aggregation_module
 from osd_fl import ConfigError, compress, decompress
 from osd_fl.payload import TensorRecord
 from strategies import OSDStrategy
@@ -137,7 +137,7 @@ def test_bounds_cost_no_rebuild_and_keep_one_tensor_at_a_time(monkeypatch: pytes
         alive.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(osd_strategy_module, "reconstruct", tracking)
+    monkeypatch.setattr(aggregation_module, "reconstruct", tracking)
     tensors = len(SHAPES)
     strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
     arrays, _ = _round(strategy, [0, 1, 2, 3, 4, 5])
@@ -219,7 +219,7 @@ def test_reference_is_at_least_the_honest_median_whatever_one_reply_sends() -> N
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from strategies.replies import reference_norm
+    from strategies.norm_bound import reference_norm
 
     floats = st.floats(0, 1e6, allow_nan=False)
 

@@ -15,7 +15,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 import osd_fl.codec
-import strategies.osd_strategy as osd_strategy_module
+import strategies.aggregation as aggregation_module
 from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError, compress, decompress, payload_budget
 from osd_fl.codec import encode
@@ -28,8 +28,8 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
-from strategies.local_grid import LocalGrid, make_context
 from strategies import OSDStrategy
+from strategies.local_grid import LocalGrid, make_context
 
 SHAPES = {"fc1.weight": (48, 40), "fc1.bias": (48,), "fc2.weight": (10, 48), "fc2.bias": (10,)}
 CFG = CompressionConfig(method="osd", rank=2, min_numel=256, importance="ones")
@@ -208,7 +208,7 @@ def test_decoded_tensors_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
         alive.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(osd_strategy_module, "reconstruct", tracking)
+    monkeypatch.setattr(aggregation_module, "reconstruct", tracking)
     for kwargs in ({}, {"norm_bound": 1e6}, {"norm_bound_relative": 10.0}):
         alive.clear()
         leaked.clear()

@@ -56,8 +56,8 @@ def test_quick_sweep_writes_results_and_resumes(tmp_path: Path, capsys: pytest.C
 def test_same_seed_same_bytes_and_same_curve() -> None:
     """Two runs of one configuration give identical bytes and accuracy, round by round."""
     from osd_fl import CompressionConfig
-    from simulations.text_fl import run_text_fl
     from simulations.text import TextTaskConfig
+    from simulations.text_fl import run_text_fl
 
     task = TextTaskConfig(num_clients=3, max_examples=300, test_size=60, local_steps=2, cache_dir="", seed=1)
     comp = CompressionConfig(method="osd", rank=1, importance="grad", error_feedback=True)
