@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m simulations.bench_codec
+	$(BIN)/python -m simulations.bench.methods
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

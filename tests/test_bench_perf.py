@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from osd_fl import compress
-from simulations.bench_codec import synthetic_update
-from simulations.bench_perf import codec_stats, model_shapes, synthetic_importance
+from simulations.bench.codec import codec_stats
+from simulations.bench.workloads import model_shapes, synthetic_importance, synthetic_update
 
 
 @pytest.mark.parametrize("rank", [1, 4])
@@ -28,12 +28,12 @@ def test_osd_bytes_are_below_the_papers_formula_and_above_the_entropy_bound(rank
 
 @pytest.mark.slow
 def test_bench_perf_quick_runs_every_section() -> None:
-    """`python -m simulations.bench_perf --section all --quick` prints every section (no waiting for quiet)."""
+    """`python -m simulations.bench.perf --section all --quick` prints every section (no waiting for quiet)."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "simulations.bench_perf",
+            "simulations.bench.perf",
             "--section",
             "all",
             "--quick",

@@ -5,8 +5,8 @@ Prints, per method: payload bytes, compress and decompress time (median of
 of TruncSVD's measured in the same run. Also compares OSD's two damage
 scores (l1, l2) on the same updates, which is how the default was chosen.
 
-    python -m simulations.bench_codec            # full (about a minute on 2 CPU cores)
-    python -m simulations.bench_codec --quick    # smaller shapes, seconds
+    python -m simulations.bench.methods            # full (about a minute on 2 CPU cores)
+    python -m simulations.bench.methods --quick    # smaller shapes, seconds
 """
 
 from __future__ import annotations
@@ -21,40 +21,9 @@ from typing import Any, TypeVar
 import torch
 
 from osd_fl import compress, decompress
+from simulations.bench.workloads import minilm_shapes, synthetic_update
 
 METHODS = ["truncsvd", "osd", "osd-fixed-c", "magtruncsvd", "topk", "powersgd", "int8", "fp16", "dense"]
-
-
-def synthetic_update(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Low-rank-plus-noise updates (a decaying rank-16 part and 20% noise energy)."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        if len(shape) == 2:
-            n, d = shape
-            r = 16
-            s = torch.logspace(0, -1.5, r)
-            low = (torch.randn(n, r, generator=g) * s) @ torch.randn(r, d, generator=g) / (n * d) ** 0.25
-            out[name] = 1e-3 * (low + 0.2 * low.std() * torch.randn(n, d, generator=g))
-        else:
-            out[name] = 1e-3 * torch.randn(shape, generator=g)
-    return out
-
-
-def minilm_shapes(layers: int = 6, hidden: int = 384, ffn: int = 1536) -> dict[str, tuple[int, ...]]:
-    """Shapes of a MiniLM encoder's trainable matrices, biases and norms (no embeddings)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[p + m + ".weight"] = (hidden, hidden)
-            shapes[p + m + ".bias"] = (hidden,)
-        shapes[p + "intermediate.dense.weight"] = (ffn, hidden)
-        shapes[p + "intermediate.dense.bias"] = (ffn,)
-        shapes[p + "output.dense.weight"] = (hidden, ffn)
-        shapes[p + "output.dense.bias"] = (hidden,)
-        shapes[p + "output.LayerNorm.weight"] = (hidden,)
-    return shapes
 
 
 T = TypeVar("T")

@@ -4,8 +4,8 @@ Run it against two versions of ``osd_fl`` and compare; it is run as a
 script (not ``-m``) so that ``PYTHONPATH`` picks the version::
 
     git archive 626e434 osd_fl | tar -x -C /tmp/old          # the version before
-    PYTHONPATH=/tmp/old python simulations/bench_fingerprint.py /tmp/old.json --threads 1
-    python simulations/bench_fingerprint.py /tmp/new.json --threads 1 --compare /tmp/old.json
+    PYTHONPATH=/tmp/old python simulations/bench/fingerprint.py /tmp/old.json --threads 1
+    python simulations/bench/fingerprint.py /tmp/new.json --threads 1 --compare /tmp/old.json
 
 Cases: 5 updates (a 2-layer MiniLM, 1024x1024, odd and tall shapes, a conv
 kernel, tiny matrices) x ranks 1, 4, 16 x with/without importance x 23
@@ -27,6 +27,9 @@ import sys
 from typing import Any
 
 import torch
+
+import osd_fl
+from osd_fl import CompressorState, ErrorFeedback, compress, decompress
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("osd", {}),
@@ -83,7 +86,6 @@ def importance(update: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Te
 
 
 def fingerprints() -> dict[str, str]:
-    from osd_fl import CompressorState, ErrorFeedback, compress, decompress
 
     torch.manual_seed(12345)
     updates = {
@@ -134,7 +136,6 @@ def main() -> None:
     ap.add_argument("--compare", help="fingerprints of another version: print the cases that differ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import osd_fl
 
     res = fingerprints()
     with open(args.out, "w", encoding="utf-8") as fh:
