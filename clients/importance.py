@@ -30,8 +30,8 @@ import torch
 from flwr.app import Message, RecordDict
 from torch import nn
 
-from clients.mod import IMPORTANCE_METHODS, read_compression_config
-from osd_fl import CompressionConfig, compute_importance
+from clients.mod import read_compression_config
+from osd_fl import CompressionConfig, compute_importance, methods_with
 from osd_fl.importance import LossFn
 from osd_fl.records import IMPORTANCE_RECORD_KEY, tensors_to_record
 
@@ -82,7 +82,7 @@ def attach_importance(
         The maps attached, or ``None`` if nothing was computed.
     """
     cfg = msg if isinstance(msg, CompressionConfig) else read_compression_config(msg, defaults)
-    if cfg is None or cfg.method not in IMPORTANCE_METHODS or cfg.importance == "ones":
+    if cfg is None or cfg.method not in methods_with("uses_importance") or cfg.importance == "ones":
         return None
     maps = compute_importance(
         model,

@@ -52,12 +52,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from clients.privacy import enclosing_privacy_mod, privacy_mod_order_error
-from osd_fl import CompressionConfig, CompressorState, ErrorFeedback, OSDError, compress
+from osd_fl import (
+    CompressionConfig,
+    CompressorState,
+    ErrorFeedback,
+    OSDError,
+    compress,
+    methods_with,
+    total_dense_bytes,
+)
 from osd_fl.records import (
     IMPORTANCE_RECORD_KEY,
     METRIC_COMPRESS_SECONDS,
@@ -82,9 +90,6 @@ __all__ = ["make_osd_mod", "osd_mod", "read_compression_config"]
 
 # A child of Flower's logger, so messages show in the ClientApp's console like Flower's own.
 log = logging.getLogger("flwr.osd.client")
-
-#: Methods whose selection uses an importance map Z.
-IMPORTANCE_METHODS = frozenset({"osd"})
 
 _FLAG_WARNED_NO_IMPORTANCE = "warned-no-importance"
 _FLAG_WARNED_NO_CONFIG = "warned-no-config"
@@ -152,6 +157,130 @@ def _load_numpy_state(context: Context, key: str) -> dict[str, Any]:
     return {k: v for k, v in arrays.items() if k not in bad}
 
 
+def _without_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A train message without ``osd.*`` settings: train, strip any importance maps, send plain weights."""
+    _warn_once(
+        context,
+        _FLAG_WARNED_NO_CONFIG,
+        "osd_mod: the train config has no 'osd.*' settings (is the server strategy "
+        "wrapped in OSDStrategy?); sending uncompressed weights",
+    )
+    reply = call_next(msg, context)
+    if reply.has_content() and IMPORTANCE_RECORD_KEY in reply.content:
+        del reply.content[IMPORTANCE_RECORD_KEY]
+    return reply
+
+
+def _trained_parts(content: RecordDict, expected: set[str]) -> tuple[str, ArrayRecord, MetricRecord] | str:
+    """The reply's one weights record (its key too) and its one metrics record, or what is wrong with them."""
+    trained_records = list(content.array_records.items())
+    if len(trained_records) != 1:
+        return f"expected exactly one ArrayRecord in the train reply, found {len(trained_records)}"
+    trained_key, trained_record = trained_records[0]
+    if set(trained_record.keys()) != expected:
+        missing = sorted(expected - set(trained_record.keys()))
+        extra = sorted(set(trained_record.keys()) - expected)
+        return f"reply arrays do not match the global model (missing {missing}, extra {extra})"
+    metric_records = list(content.metric_records.values())
+    if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
+        return f"the train reply needs exactly one MetricRecord with {WEIGHT_KEY!r}"
+    return trained_key, trained_record, metric_records[0]
+
+
+def _update(global_tensors: dict[str, torch.Tensor], trained_record: ArrayRecord) -> dict[str, torch.Tensor] | str:
+    """``dW = trained - global`` of every floating tensor (integer buffers keep the global value), or the error."""
+    trained = record_to_tensors(trained_record)
+    update: dict[str, torch.Tensor] = {}
+    for name, before in global_tensors.items():
+        after = trained[name]
+        if tuple(after.shape) != tuple(before.shape):
+            return f"tensor {name!r}: trained shape {tuple(after.shape)} != global {tuple(before.shape)}"
+        if before.dtype.is_floating_point:
+            update[name] = after.to(before.dtype) - before
+    return update
+
+
+def _importance(
+    context: Context, cfg: CompressionConfig, record: ArrayRecord | None, update: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
+    """The attached importance maps of the update's tensors; warn once if the method wants some and none came."""
+    if record is not None:
+        return {k: v for k, v in record_to_tensors(record).items() if k in update}
+    if cfg.method in methods_with("uses_importance") and cfg.importance != "ones":
+        _warn_once(
+            context,
+            _FLAG_WARNED_NO_IMPORTANCE,
+            f"osd_mod: no importance maps attached (importance={cfg.importance!r}); using Z = ones. "
+            "Call clients.attach_importance in the train function to use validation gradients.",
+        )
+    return None
+
+
+def _compress(
+    context: Context,
+    cfg: CompressionConfig,
+    update: dict[str, torch.Tensor],
+    importance: dict[str, torch.Tensor] | None,
+    metrics: MetricRecord,
+) -> bytes:
+    """Compress with the state kept in ``context.state``, store the new state, and add the metrics."""
+    feedback = None
+    residual_in = 0.0
+    if cfg.error_feedback:
+        feedback = ErrorFeedback.from_numpy(_load_numpy_state(context, STATE_RESIDUAL_KEY))
+        residual_in = feedback.norm()
+    state = CompressorState.from_numpy(_load_numpy_state(context, STATE_COMPRESSOR_KEY))
+    start = time.perf_counter()
+    blob = compress(update, importance=importance, config=cfg, feedback=feedback, state=state)
+    seconds = time.perf_counter() - start
+    if feedback is not None:
+        context.state[STATE_RESIDUAL_KEY] = numpy_to_record(feedback.to_numpy())
+    elif STATE_RESIDUAL_KEY in context.state:
+        del context.state[STATE_RESIDUAL_KEY]  # EF switched off: drop the stale residual
+    saved_state = state.to_numpy()
+    if saved_state:
+        context.state[STATE_COMPRESSOR_KEY] = numpy_to_record(saved_state)
+    metrics[METRIC_COMPRESS_SECONDS] = seconds
+    metrics[METRIC_PAYLOAD_BYTES] = len(blob)
+    metrics[METRIC_DENSE_BYTES] = total_dense_bytes({k: tuple(t.shape) for k, t in update.items()})
+    if feedback is not None:
+        metrics[METRIC_RESIDUAL_IN] = residual_in
+        metrics[METRIC_RESIDUAL_OUT] = feedback.norm()
+    return blob
+
+
+def _compressed_reply(msg: Message, context: Context, call_next: ClientAppCallable, cfg: CompressionConfig) -> Message:
+    """Train, then replace the reply's weights by the payload of ``trained - global``."""
+    sent = list(msg.content.array_records.values())
+    if len(sent) != 1:
+        return _error_reply(msg, f"expected exactly one ArrayRecord in the train message, found {len(sent)}")
+    # Decode the global model before training: the train function may change the message it was given.
+    global_tensors = record_to_tensors(sent[0])
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    content = reply.content
+    importance_record = content.array_records.get(IMPORTANCE_RECORD_KEY)
+    if IMPORTANCE_RECORD_KEY in content:
+        del content[IMPORTANCE_RECORD_KEY]
+    parts = _trained_parts(content, set(global_tensors))
+    if isinstance(parts, str):
+        return _error_reply(msg, parts)
+    trained_key, trained_record, metrics = parts
+    update = _update(global_tensors, trained_record)
+    del global_tensors
+    if isinstance(update, str):
+        return _error_reply(msg, update)
+    importance = _importance(context, cfg, importance_record, update)
+    try:
+        blob = _compress(context, cfg, update, importance, metrics)
+    except OSDError as exc:
+        return _error_reply(msg, f"compression failed: {exc}")
+    del content[trained_key]
+    content[PAYLOAD_RECORD_KEY] = payload_to_record(blob)
+    return reply
+
+
 def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
     """Build an OSD client mod with client-side default settings.
 
@@ -176,105 +305,11 @@ def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
         except OSDError as exc:
             return _error_reply(msg, f"invalid compression settings from the server: {exc}")
         if cfg is None:
-            _warn_once(
-                context,
-                _FLAG_WARNED_NO_CONFIG,
-                "osd_mod: the train config has no 'osd.*' settings (is the server strategy "
-                "wrapped in OSDStrategy?); sending uncompressed weights",
-            )
-            reply = call_next(msg, context)
-            if reply.has_content() and IMPORTANCE_RECORD_KEY in reply.content:
-                del reply.content[IMPORTANCE_RECORD_KEY]
-            return reply
+            return _without_config(msg, context, call_next)
         outer = enclosing_privacy_mod()  # a Flower DP mod around osd_mod would reject the payload
         if outer is not None:
             return _error_reply(msg, privacy_mod_order_error(outer))
-
-        sent = list(msg.content.array_records.values())
-        if len(sent) != 1:
-            return _error_reply(msg, f"expected exactly one ArrayRecord in the train message, found {len(sent)}")
-        global_record = sent[0]
-        # Decode the global model before training: the train function may
-        # change the message it was given.
-        global_tensors = record_to_tensors(global_record)
-
-        reply = call_next(msg, context)
-        if reply.has_error():
-            return reply
-        content = reply.content
-        importance_record = content.array_records.get(IMPORTANCE_RECORD_KEY)
-        if IMPORTANCE_RECORD_KEY in content:
-            del content[IMPORTANCE_RECORD_KEY]
-
-        trained_records = list(content.array_records.items())
-        if len(trained_records) != 1:
-            return _error_reply(
-                msg, f"expected exactly one ArrayRecord in the train reply, found {len(trained_records)}"
-            )
-        trained_key, trained_record = trained_records[0]
-        if set(trained_record.keys()) != set(global_tensors):
-            missing = sorted(set(global_tensors) - set(trained_record.keys()))
-            extra = sorted(set(trained_record.keys()) - set(global_tensors))
-            return _error_reply(msg, f"reply arrays do not match the global model (missing {missing}, extra {extra})")
-        metric_records = list(content.metric_records.values())
-        if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
-            return _error_reply(msg, f"the train reply needs exactly one MetricRecord with {WEIGHT_KEY!r}")
-        metrics: MetricRecord = metric_records[0]
-
-        trained = record_to_tensors(trained_record)
-        update: dict[str, torch.Tensor] = {}
-        for name, before in global_tensors.items():
-            after = trained[name]
-            if tuple(after.shape) != tuple(before.shape):
-                return _error_reply(
-                    msg, f"tensor {name!r}: trained shape {tuple(after.shape)} != global {tuple(before.shape)}"
-                )
-            if before.dtype.is_floating_point:  # integer buffers keep the global value
-                update[name] = after.to(before.dtype) - before
-        del trained, global_tensors
-
-        importance: dict[str, torch.Tensor] | None = None
-        if importance_record is not None:
-            importance = {k: v for k, v in record_to_tensors(importance_record).items() if k in update}
-        elif cfg.method in IMPORTANCE_METHODS and cfg.importance != "ones":
-            _warn_once(
-                context,
-                _FLAG_WARNED_NO_IMPORTANCE,
-                f"osd_mod: no importance maps attached (importance={cfg.importance!r}); using Z = ones. "
-                "Call clients.attach_importance in the train function to use validation gradients.",
-            )
-
-        feedback = None
-        residual_in = 0.0
-        if cfg.error_feedback:
-            feedback = ErrorFeedback.from_numpy(_load_numpy_state(context, STATE_RESIDUAL_KEY))
-            residual_in = feedback.norm()
-        state = CompressorState.from_numpy(_load_numpy_state(context, STATE_COMPRESSOR_KEY))
-
-        start = time.perf_counter()
-        try:
-            blob = compress(update, importance=importance, config=cfg, feedback=feedback, state=state)
-        except OSDError as exc:
-            return _error_reply(msg, f"compression failed: {exc}")
-        seconds = time.perf_counter() - start
-
-        if feedback is not None:
-            context.state[STATE_RESIDUAL_KEY] = numpy_to_record(feedback.to_numpy())
-        elif STATE_RESIDUAL_KEY in context.state:
-            del context.state[STATE_RESIDUAL_KEY]  # EF switched off: drop the stale residual
-        saved_state = state.to_numpy()
-        if saved_state:
-            context.state[STATE_COMPRESSOR_KEY] = numpy_to_record(saved_state)
-
-        del content[trained_key]
-        content[PAYLOAD_RECORD_KEY] = payload_to_record(blob)
-        metrics[METRIC_COMPRESS_SECONDS] = seconds
-        metrics[METRIC_PAYLOAD_BYTES] = len(blob)
-        metrics[METRIC_DENSE_BYTES] = sum(t.numel() * 4 for t in update.values())
-        if feedback is not None:
-            metrics[METRIC_RESIDUAL_IN] = residual_in
-            metrics[METRIC_RESIDUAL_OUT] = feedback.norm()
-        return reply
+        return _compressed_reply(msg, context, call_next, cfg)
 
     osd_mod.__doc__ = f"Compress the train reply's update with OSD (see :mod:`clients.mod`); defaults: {base.to_dict()}"
     return osd_mod

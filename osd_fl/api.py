@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from osd_fl.budget import matrix_budget, total_dense_bytes
-from osd_fl.codec import MAX_ELEMENTS, TensorSpec, decode, encode, header_bytes, iter_tensors, record_header_bytes
-from osd_fl.compressor import REGISTRY, CompressorState, MatrixItem, dense_record, get_compressor
+from osd_fl import sizes
+from osd_fl.codec import MAX_ELEMENTS, TensorSpec, decode, encode, iter_tensors
+from osd_fl.compressor import REGISTRY, Compressor, CompressorState, MatrixItem, dense_record, get_compressor
 from osd_fl.config import CompressionConfig
-from osd_fl.errors import ConfigError
+from osd_fl.dtypes import TORCH_NAMES
+from osd_fl.errors import ConfigError, UpdateError
 from osd_fl.feedback import ErrorFeedback
-from osd_fl.payload import Kind, Payload, TensorRecord
-from osd_fl.policy import Route, matrix_dims, plan_routes
+from osd_fl.payload import Kind, Payload, TensorRecord, matrix_dims
+from osd_fl.policy import Route, plan_routes
 
-__all__ = ["compress", "decompress", "describe", "payload_budget", "resolve_config"]
-
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
+__all__ = ["compress", "decompress", "describe", "payload_budget", "payload_limit", "resolve_config"]
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -87,17 +80,14 @@ def _resolve_config(
 def _fixed_and_matrix_bytes(
     shapes: Mapping[str, Sequence[int]], cfg: CompressionConfig, routes: Mapping[str, Route]
 ) -> tuple[int, int]:
-    fixed = header_bytes(cfg.method)
-    matrices = 0
-    for name, shape in shapes.items():
-        fixed += record_header_bytes(name, len(shape))
-        route = routes[name]
-        if route == Route.DENSE:
-            fixed += math.prod(shape) * cfg.value_bytes
-        elif route == Route.COMPRESS:
-            n, d = matrix_dims(shape)
-            matrices += matrix_budget(n, d, cfg.rank, cfg.value_bytes)
-    return fixed, matrices
+    return sizes.payload_parts(
+        shapes,
+        cfg.method,
+        cfg.rank,
+        cfg.value_bytes,
+        dense={k for k, r in routes.items() if r == Route.DENSE},
+        compressed={k for k, r in routes.items() if r == Route.COMPRESS},
+    )
 
 
 def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfig | None = None, **options: Any) -> int:
@@ -116,10 +106,6 @@ def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfi
     return fixed + matrices
 
 
-#: Framing slack allowed on top of twice the float32 model for an unbudgeted method.
-UNBUDGETED_SLACK = 64 * 1024
-
-
 def payload_limit(shapes: Mapping[str, Sequence[int]], config: CompressionConfig | None = None, **options: Any) -> int:
     """Largest payload (bytes) a server accepts from an honest client for tensors of ``shapes``.
 
@@ -130,7 +116,7 @@ def payload_limit(shapes: Mapping[str, Sequence[int]], config: CompressionConfig
     cfg = resolve_config(config, **options)
     if get_compressor(cfg).budgeted or cfg.budget_bytes:
         return payload_budget(shapes, cfg)
-    return 2 * total_dense_bytes(shapes, 4) + UNBUDGETED_SLACK
+    return sizes.unbudgeted_limit(shapes)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -148,14 +134,14 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def _check_update(update: Mapping[str, torch.Tensor]) -> None:
     if not update:
-        raise ConfigError("update is empty: pass a mapping of tensor names to tensors")
+        raise UpdateError("update is empty: pass a mapping of tensor names to tensors")
     for name, t in update.items():
         if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"update[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
-        if t.dtype not in _DTYPE_NAMES:
-            raise ConfigError(f"update[{name!r}] has dtype {t.dtype}; floating tensors only ({list(_DTYPE_NAMES)})")
+            raise UpdateError(f"update[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.dtype not in TORCH_NAMES:
+            raise UpdateError(f"update[{name!r}] has dtype {t.dtype}; floating tensors only ({list(TORCH_NAMES)})")
         if not _all_finite(t):
-            raise ConfigError(f"update[{name!r}] has NaN or Inf values (did local training diverge?)")
+            raise UpdateError(f"update[{name!r}] has NaN or Inf values (did local training diverge?)")
 
 
 def _importance_for(
@@ -165,12 +151,12 @@ def _importance_for(
         return None
     z = importance[name]
     if tuple(z.shape) != shape:
-        raise ConfigError(f"importance[{name!r}] has shape {tuple(z.shape)}, the update has {shape}")
+        raise UpdateError(f"importance[{name!r}] has shape {tuple(z.shape)}, the update has {shape}")
     z32 = z.detach().to(mat.device, torch.float32).reshape(mat.shape)
     if z32.numel():  # same test as ``not isfinite(z).all() or (z < 0).any()``, in one reduction
         lo, hi = torch.aminmax(z32)
         if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or bool(lo < 0):
-            raise ConfigError(f"importance[{name!r}] must be finite and non-negative")
+            raise UpdateError(f"importance[{name!r}] must be finite and non-negative")
     return z32
 
 
@@ -229,10 +215,34 @@ def compress(
     )
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in tensors.items()}
     routes = plan_routes(shapes, cfg, all_dense=comp.all_dense)
+    records, items = _route_tensors(update, tensors, shapes, routes, importance)
+    fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
+    limit = cfg.budget_bytes or fixed + matrices
+    records.update(_encode_matrices(comp, items, limit, fixed, state))
+    payload = Payload(method=cfg.method, value_dtype=cfg.value_dtype, records=[records[k] for k in tensors])
+    blob = encode(payload)
+    if (comp.budgeted or cfg.budget_bytes) and len(blob) > limit:
+        raise ConfigError(
+            f"method {cfg.method!r} needs {len(blob)} bytes, over the budget of {limit}; "
+            "raise rank/budget_bytes or pick a budgeted method"
+        )
+    if feedback is not None:
+        _keep_residual(feedback, tensors, payload, blob)
+    return blob
+
+
+def _route_tensors(
+    update: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    routes: Mapping[str, Route],
+    importance: Mapping[str, torch.Tensor] | None,
+) -> tuple[dict[str, TensorRecord], list[MatrixItem]]:
+    """Records of the skipped and dense tensors, and the matrices left to compress."""
     records: dict[str, TensorRecord] = {}
     items: list[MatrixItem] = []
     for name, t in tensors.items():
-        dtype = _DTYPE_NAMES[update[name].dtype]
+        dtype = TORCH_NAMES[update[name].dtype]
         if routes[name] == Route.SKIP:
             records[name] = TensorRecord(name=name, shape=shapes[name], dtype=dtype, kind=Kind.ZERO)
         elif routes[name] == Route.DENSE:
@@ -243,30 +253,30 @@ def compress(
             items.append(
                 MatrixItem(name, shapes[name], dtype, mat, _importance_for(name, shapes[name], importance, mat))
             )
-    fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
-    limit = cfg.budget_bytes or fixed + matrices
+    return records, items
+
+
+def _encode_matrices(
+    comp: Compressor, items: list[MatrixItem], limit: int, fixed: int, state: CompressorState
+) -> dict[str, TensorRecord]:
+    """The compressed matrices' records: one shared budget (``budget="global"``) or each its own."""
+    cfg = comp.config
     if cfg.budget == "global" and comp.supports_global and items:
         if limit - fixed <= 0:
             raise ConfigError(f"budget_bytes={limit} is below the payload's fixed part of {fixed} bytes")
-        for rec in comp.encode_global(items, limit - fixed, state):
-            records[rec.name] = rec
-    else:
-        for item in items:
-            n, d = item.n, item.d
-            records[item.name] = comp.encode_matrix(item, matrix_budget(n, d, cfg.rank, cfg.value_bytes), state)
-    payload = Payload(method=cfg.method, value_dtype=cfg.value_dtype, records=[records[k] for k in tensors])
-    blob = encode(payload)
-    if (comp.budgeted or cfg.budget_bytes) and len(blob) > limit:
-        raise ConfigError(
-            f"method {cfg.method!r} needs {len(blob)} bytes, over the budget of {limit}; "
-            "raise rank/budget_bytes or pick a budgeted method"
-        )
-    if feedback is not None:
-        feedback.update(tensors, decompress(blob))
-        for rec in payload.records:
-            if rec.kind == Kind.ZERO:  # skipped by policy: nothing to carry over
-                feedback.residuals[rec.name] = torch.zeros_like(feedback.residuals[rec.name])
-    return blob
+        return {rec.name: rec for rec in comp.encode_global(items, limit - fixed, state)}
+    return {
+        item.name: comp.encode_matrix(item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.value_bytes), state)
+        for item in items
+    }
+
+
+def _keep_residual(feedback: ErrorFeedback, tensors: Mapping[str, torch.Tensor], payload: Payload, blob: bytes) -> None:
+    """Error feedback: keep what the receiver did not get (nothing for a tensor skipped by policy)."""
+    feedback.update(tensors, decompress(blob))
+    for rec in payload.records:
+        if rec.kind == Kind.ZERO:  # skipped by policy: nothing to carry over
+            feedback.residuals[rec.name] = torch.zeros_like(feedback.residuals[rec.name])
 
 
 def decompress(

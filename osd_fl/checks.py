@@ -27,18 +27,12 @@ import torch
 
 from osd_fl.compressor import get_compressor
 from osd_fl.config import CompressionConfig
+from osd_fl.dtypes import dtype_name, finfo_max
 from osd_fl.errors import PayloadError
-from osd_fl.payload import Kind, Payload, TensorRecord
-from osd_fl.policy import Route, matrix_dims, plan_routes
+from osd_fl.payload import Kind, Payload, TensorRecord, matrix_dims
+from osd_fl.policy import Route, plan_routes
 
 __all__ = ["check_conformance", "record_max_abs", "record_sq_norm", "value_limit"]
-
-_FINFO_MAX = {
-    "float16": float(torch.finfo(torch.float16).max),
-    "bfloat16": float(torch.finfo(torch.bfloat16).max),
-    "float32": float(torch.finfo(torch.float32).max),
-    "float64": float(torch.finfo(torch.float64).max),
-}
 
 #: Elements of a rebuilt low-rank block at a time in :func:`record_max_abs` (2 MiB of float64).
 _BLOCK_ELEMENTS = 1 << 18
@@ -54,9 +48,9 @@ def value_limit(dtype: str | torch.dtype) -> float:
     ``delta**2``) stay finite. float16: 64; bfloat16 and float32: about
     4.6e18 (2**62); float64: about 3.4e153.
     """
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     try:
-        return math.sqrt(_FINFO_MAX[name]) / 4
+        return math.sqrt(finfo_max(name)) / 4
     except KeyError:
         raise PayloadError(f"no value limit for dtype {name!r}") from None
 

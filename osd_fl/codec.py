@@ -15,7 +15,8 @@ Layout (all integers little-endian)::
     trailer  CRC-32 of everything before it, u32
 
 Values are float32 or float16 (``value dtype``, the same for every method).
-Positions use the cheapest exact coding (:mod:`osd_fl.budget`). Every length
+Positions use the cheapest exact coding (:mod:`osd_fl.positions`); the fixed
+fields are the layouts of :mod:`osd_fl.sizes`, which prices them. Every length
 is derived from fields that are checked before anything is allocated, and
 :func:`decode` raises :class:`~osd_fl.errors.PayloadError` naming the field
 on anything malformed. Nothing here unpickles or evaluates wire data.
@@ -32,23 +33,24 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from osd_fl.budget import SECTION_HEADER, Coding, best_coding, index_width, position_bytes
+from osd_fl import sizes
+from osd_fl.dtypes import FP16_MAX, QUANT8_SCALE, QUANT8_VALUE, TENSOR_CODES, TORCH_DTYPES, VALUE_CODES, VALUE_WIRE
+from osd_fl.dtypes import dtype_name as _dtype_name
 from osd_fl.errors import PayloadError
-from osd_fl.payload import DTYPE_CODES, Kind, Payload, Section, TensorRecord
+from osd_fl.payload import Kind, Payload, Section, TensorRecord
+from osd_fl.positions import Coding, best_coding, decode_positions, encode_positions, position_bytes
 
 __all__ = [
     "FORMAT_VERSION",
-    "MAGIC",
+    "MAX_ELEMENTS",
     "VALUE_LIMIT",
     "TensorSpec",
     "decode",
     "encode",
-    "header_bytes",
     "iter_tensors",
     "reconstruct",
 ]
 
-MAGIC = b"OSDF"
 #: Without a model to check against, the most elements a payload's tensors may claim in total
 #: (2**26: at most 512 MiB rebuilt as float64). Pass ``expected`` (what a server does) or a
 #: larger ``max_elements`` for bigger updates.
@@ -57,149 +59,13 @@ FORMAT_VERSION = 1
 #: Largest magnitude a transmitted value may have. Keeps every product of two
 #: factors and every sum of up to 2**16 of them finite in float32.
 VALUE_LIMIT = float(2**48)
-_FP16_MAX = 65504.0
-_VALUE_CODES = {"float32": 0, "float16": 1}
-_CODE_VALUES = {v: k for k, v in _VALUE_CODES.items()}
-_CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_CODE_VALUES = {v: k for k, v in VALUE_CODES.items()}
+_CODE_DTYPES = {v: k for k, v in TENSOR_CODES.items()}
 _MAX_NDIM = 8
 _MAX_NAME = 1024
-#: Smallest record: name length u16, dtype, kind and ndim u8 (empty name, scalar ZERO).
-_MIN_RECORD_BYTES = 5
 
 #: ``(shape, dtype)`` of a tensor the receiver expects; dtype as a torch dtype or name.
 TensorSpec = tuple[Sequence[int], "torch.dtype | str"]
-
-
-def header_bytes(method: str) -> int:
-    """Bytes of the payload header and trailer for ``method``."""
-    return 4 + 1 + 1 + 1 + len(method.encode("ascii")) + 4 + 4
-
-
-def record_header_bytes(name: str, ndim: int) -> int:
-    """Bytes of a record's common header (name, dtype, kind, shape)."""
-    return 2 + len(name.encode("utf-8")) + 3 + 4 * ndim
-
-
-# --------------------------------------------------------------------------- bits
-
-
-def _pack_uint(values: npt.NDArray[np.int64], width: int) -> bytes:
-    if values.size == 0 or width == 0:
-        return b""
-    shifts = np.arange(width, dtype=np.int64)
-    bits = ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
-    return np.packbits(bits, bitorder="little").tobytes()
-
-
-#: Bytes of packed bits expanded at a time: keeps the transient memory of
-#: unpacking positions bounded whatever the payload size.
-_CHUNK_BYTES = 1 << 16
-
-
-def _check_padding(buf: bytes, nbits: int, field: str) -> None:
-    """Bits at index ``nbits`` and above (the padding of the last byte) must be zero."""
-    full, rem = divmod(nbits, 8)
-    tail = buf[full:]
-    if rem and tail:
-        if tail[0] >> rem:
-            raise PayloadError(f"{field}: padding bits after the last position are not zero")
-        tail = tail[1:]
-    if tail.count(0) != len(tail):
-        raise PayloadError(f"{field}: padding bits after the last position are not zero")
-
-
-def _set_bits(buf: bytes, nbits: int, count: int, field: str, what: str) -> npt.NDArray[np.int64]:
-    """Indices of the set bits among the first ``nbits`` of ``buf``; there must be exactly ``count``.
-
-    The set bits are counted before any index is materialised, so a buffer
-    full of ones costs no more than the ``count`` positions it declares.
-    """
-    _check_padding(buf, nbits, field)
-    found = int.from_bytes(buf, "little").bit_count()
-    if found != count:
-        raise PayloadError(f"{field}: {what} has {found} set bits but count says {count}")
-    out = np.empty(count, dtype=np.int64)
-    filled = 0
-    for start in range(0, len(buf), _CHUNK_BYTES):
-        bits = np.unpackbits(
-            np.frombuffer(buf, dtype=np.uint8, count=min(_CHUNK_BYTES, len(buf) - start), offset=start),
-            bitorder="little",
-        )
-        ones = np.flatnonzero(bits)
-        out[filled : filled + ones.size] = ones + start * 8
-        filled += ones.size
-    return out
-
-
-def _unpack_uint(buf: bytes, count: int, width: int, field: str) -> npt.NDArray[np.int64]:
-    """``count`` little-endian ``width``-bit unsigned integers packed back to back."""
-    if count == 0 or width == 0:
-        return np.zeros(count, dtype=np.int64)
-    if width > 63:
-        raise PayloadError(f"{field}: {width}-bit integers do not fit in int64")
-    _check_padding(buf, count * width, field)
-    out = np.empty(count, dtype=np.int64)
-    # 8 values of `width` bits span exactly `width` bytes: chunks of a multiple
-    # of 8 values start on a byte boundary, so each chunk unpacks on its own.
-    step = 8 * max(1, _CHUNK_BYTES // width)
-    for first in range(0, count, step):
-        n = min(step, count - first)
-        lo = first * width // 8
-        hi = min(len(buf), (first * width + n * width + 7) // 8)
-        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=hi - lo, offset=lo), bitorder="little")
-        if bits.size < n * width:  # short buffer: read the missing bits as zero
-            bits = np.concatenate([bits, np.zeros(n * width - bits.size, dtype=np.uint8)])
-        rows = bits[: n * width].reshape(n, width)
-        packed = np.packbits(rows, axis=1, bitorder="little")
-        wide = np.zeros((n, 8), dtype=np.uint8)
-        wide[:, : packed.shape[1]] = packed
-        out[first : first + n] = wide.view("<u8").reshape(n).astype(np.int64)
-    return out
-
-
-def encode_positions(coding: Coding, param: int, positions: npt.NDArray[np.int64], slots: int) -> bytes:
-    """Write sorted unique ``positions`` among ``slots`` with ``coding``."""
-    if coding == Coding.ALL:
-        return b""
-    if coding == Coding.BITMASK:
-        mask = np.zeros(slots, dtype=np.uint8)
-        mask[positions] = 1
-        return np.packbits(mask, bitorder="little").tobytes()
-    if coding == Coding.FIXED:
-        return _pack_uint(positions, index_width(slots))
-    count = positions.size
-    if count == 0:
-        return b""
-    low = param
-    lows = _pack_uint(positions & ((1 << low) - 1), low)
-    nbits = count + ((slots - 1) >> low) + 1
-    high = np.zeros(nbits, dtype=np.uint8)
-    high[(positions >> low) + np.arange(count, dtype=np.int64)] = 1
-    return lows + np.packbits(high, bitorder="little").tobytes()
-
-
-def decode_positions(
-    coding: Coding, param: int, buf: bytes, count: int, slots: int, field: str
-) -> npt.NDArray[np.int64]:
-    """Read ``count`` positions among ``slots``; check they are in range, sorted and unique."""
-    if coding == Coding.BITMASK:
-        return _set_bits(buf, slots, count, field, "bitmask")
-    if coding == Coding.FIXED:
-        pos = _unpack_uint(buf, count, index_width(slots), field)
-    else:
-        low = param
-        nlow = (count * low + 7) // 8
-        lows = _unpack_uint(buf[:nlow], count, low, field)
-        nbits = count + ((slots - 1) >> low) + 1
-        ones = _set_bits(buf[nlow:], nbits, count, field, "Elias-Fano high part")
-        pos = ((ones - np.arange(count, dtype=np.int64)) << low) | lows
-    if count and (pos[0] < 0 or pos[-1] >= slots):
-        raise PayloadError(f"{field}: position out of range [0, {slots})")
-    if count > 1 and not bool(np.all(np.diff(pos) > 0)):
-        raise PayloadError(f"{field}: positions are not strictly increasing (duplicates or unsorted)")
-    if count and int(pos.max()) >= slots:
-        raise PayloadError(f"{field}: position out of range [0, {slots})")
-    return pos
 
 
 # ------------------------------------------------------------------------ encoding
@@ -207,58 +73,96 @@ def decode_positions(
 
 def _values_bytes(values: npt.NDArray[np.float32], value_dtype: str) -> bytes:
     if value_dtype == "float16":
-        return np.clip(values, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes()
-    return values.astype("<f4").tobytes()
+        return np.clip(values, -FP16_MAX, FP16_MAX).astype(VALUE_WIRE[value_dtype]).tobytes()
+    return values.astype(VALUE_WIRE[value_dtype]).tobytes()
 
 
-def _encode_section(section: Section, value_dtype: str) -> bytes:
+def _encode_section(section: Section, value_dtype: str, field: str) -> bytes:
     count = section.count
     if section.positions is None:
         if count != section.slots:
-            raise ValueError("a section without positions must hold every slot")
+            raise PayloadError(f"{field}: a section without positions must hold every slot")
         coding, param = Coding.ALL, 0
         pos_bytes = b""
     else:
+        if section.positions.shape != (count,):
+            raise PayloadError(f"{field}: {section.positions.size} positions for {count} values")
         coding, param, _ = best_coding(count, section.slots)
         pos_bytes = b"" if coding == Coding.ALL else encode_positions(coding, param, section.positions, section.slots)
-    return struct.pack("<BBI", int(coding), param, count) + pos_bytes + _values_bytes(section.values, value_dtype)
+    return sizes.SECTION_HEAD.pack(int(coding), param, count) + pos_bytes + _values_bytes(section.values, value_dtype)
+
+
+def _sections(rec: TensorRecord, wanted: int, field: str) -> list[Section]:
+    if len(rec.sections) != wanted:
+        raise PayloadError(f"{field}: a {rec.kind.name} record needs {wanted} section(s), it has {len(rec.sections)}")
+    return rec.sections
+
+
+def _encode_body(rec: TensorRecord, value_dtype: str, field: str) -> list[bytes]:
+    """The kind-specific part of one record."""
+    if rec.kind == Kind.DENSE:
+        return [_values_bytes(_sections(rec, 1, field)[0].values, value_dtype)]
+    if rec.kind == Kind.LOWRANK:
+        a, b = _sections(rec, 2, field)
+        return [
+            sizes.RANK.pack(rec.rank),
+            _encode_section(a, value_dtype, f"{field} factor A"),
+            _encode_section(b, value_dtype, f"{field} factor B"),
+        ]
+    if rec.kind == Kind.SPARSE:
+        return [_encode_section(_sections(rec, 1, field)[0], value_dtype, f"{field} entries")]
+    if rec.kind == Kind.QUANT8:
+        if rec.scales is None or rec.qvalues is None:
+            raise PayloadError(f"{field}: a QUANT8 record needs scales and qvalues")
+        return [
+            sizes.BLOCK.pack(rec.block),
+            rec.scales.astype(QUANT8_SCALE).tobytes(),
+            rec.qvalues.astype(QUANT8_VALUE).tobytes(),
+        ]
+    return []
+
+
+def _encode_record(rec: TensorRecord, value_dtype: str) -> list[bytes]:
+    field = f"tensor {rec.name!r}"
+    if rec.dtype not in TENSOR_CODES:
+        raise PayloadError(f"{field}: dtype {rec.dtype!r} is not one of {list(TENSOR_CODES)}")
+    name = rec.name.encode("utf-8")
+    try:
+        head = [
+            sizes.NAME_LEN.pack(len(name)) + name,
+            sizes.RECORD_HEAD.pack(TENSOR_CODES[rec.dtype], int(rec.kind), len(rec.shape)),
+            sizes.dims(len(rec.shape)).pack(*rec.shape),
+        ]
+        return head + _encode_body(rec, value_dtype, field)
+    except struct.error as exc:  # a field out of its wire range (name length, rank, dims)
+        raise PayloadError(f"{field}: a field does not fit the wire format ({exc})") from None
 
 
 def encode(payload: Payload) -> bytes:
-    """Serialize ``payload`` to bytes (the exact bytes that travel)."""
+    """Serialize ``payload`` to bytes (the exact bytes that travel).
+
+    Raises
+    ------
+    PayloadError
+        If ``payload`` cannot be written (an unknown value dtype or tensor
+        dtype, a record missing the sections its kind needs, a field out of
+        its wire range); the message names the tensor and the problem.
+    """
     method = payload.method.encode("ascii")
     if len(method) > 255:
-        raise ValueError("method name longer than 255 bytes")
+        raise PayloadError("method name longer than 255 bytes")
+    if payload.value_dtype not in VALUE_CODES:
+        raise PayloadError(f"value dtype {payload.value_dtype!r} is not one of {list(VALUE_CODES)}")
     parts: list[bytes] = [
-        MAGIC,
-        struct.pack("<BBB", FORMAT_VERSION, _VALUE_CODES[payload.value_dtype], len(method)),
+        sizes.MAGIC,
+        sizes.HEAD.pack(FORMAT_VERSION, VALUE_CODES[payload.value_dtype], len(method)),
         method,
-        struct.pack("<I", len(payload.records)),
+        sizes.COUNT.pack(len(payload.records)),
     ]
     for rec in payload.records:
-        name = rec.name.encode("utf-8")
-        parts.append(struct.pack("<H", len(name)) + name)
-        parts.append(struct.pack("<BBB", DTYPE_CODES[rec.dtype], int(rec.kind), len(rec.shape)))
-        parts.append(struct.pack(f"<{len(rec.shape)}I", *rec.shape))
-        if rec.kind == Kind.DENSE:
-            parts.append(_values_bytes(rec.sections[0].values, payload.value_dtype))
-        elif rec.kind == Kind.LOWRANK:
-            parts.append(struct.pack("<H", rec.rank))
-            parts.extend(_encode_section(s, payload.value_dtype) for s in rec.sections)
-        elif rec.kind == Kind.SPARSE:
-            parts.append(_encode_section(rec.sections[0], payload.value_dtype))
-        elif rec.kind == Kind.QUANT8:
-            assert rec.scales is not None and rec.qvalues is not None
-            parts.append(struct.pack("<I", rec.block))
-            parts.append(rec.scales.astype("<f4").tobytes())
-            parts.append(rec.qvalues.astype(np.int8).tobytes())
+        parts.extend(_encode_record(rec, payload.value_dtype))
     body = b"".join(parts)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def encoded_section_bytes(count: int, slots: int, value_bytes: int) -> int:
-    """Exact encoded size of one section, header included."""
-    return SECTION_HEADER + best_coding(count, slots)[2] + count * value_bytes
+    return body + sizes.CRC.pack(zlib.crc32(body))
 
 
 # ------------------------------------------------------------------------ decoding
@@ -281,12 +185,8 @@ class _Reader:
         self.pos += n
         return out
 
-    def unpack(self, fmt: str, field: str) -> tuple[int, ...]:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), field))
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    def unpack(self, layout: struct.Struct, field: str) -> tuple[int, ...]:
+        return layout.unpack(self.take(layout.size, field))
 
 
 def _check_values(values: npt.NDArray[np.float32], field: str) -> None:
@@ -297,15 +197,14 @@ def _check_values(values: npt.NDArray[np.float32], field: str) -> None:
 
 
 def _read_values(reader: _Reader, count: int, value_dtype: str, field: str) -> npt.NDArray[np.float32]:
-    size = 2 if value_dtype == "float16" else 4
-    raw = reader.take(count * size, f"{field} values")
-    values = np.frombuffer(raw, dtype="<f2" if size == 2 else "<f4").astype(np.float32)
+    raw = reader.take(count * sizes.value_bytes(value_dtype), f"{field} values")
+    values = np.frombuffer(raw, dtype=VALUE_WIRE[value_dtype]).astype(np.float32)
     _check_values(values, f"{field} values")
     return values
 
 
 def _read_section(reader: _Reader, slots: int, value_dtype: str, field: str) -> Section:
-    coding_raw, param, count = reader.unpack("<BBI", f"{field} header")
+    coding_raw, param, count = reader.unpack(sizes.SECTION_HEAD, f"{field} header")
     try:
         coding = Coding(coding_raw)
     except ValueError:
@@ -322,7 +221,7 @@ def _read_section(reader: _Reader, slots: int, value_dtype: str, field: str) -> 
     elif param != 0:
         raise PayloadError(f"{field}: parameter must be 0 for coding {coding.name}")
     nbytes = position_bytes(coding, count, slots, param)
-    value_bytes = count * (2 if value_dtype == "float16" else 4)
+    value_bytes = count * sizes.value_bytes(value_dtype)
     if nbytes + value_bytes > reader.remaining:
         # Checked before any position is unpacked: a count the payload's bytes
         # cannot back is refused without allocating anything for it.
@@ -373,17 +272,18 @@ def decode(
     size = memoryview(blob).nbytes
     if max_bytes is not None and size > max_bytes:
         raise PayloadError(f"payload: {size} bytes exceeds the maximum of {max_bytes}")
-    if size < header_bytes(""):
+    if size < sizes.header_bytes(""):
         raise PayloadError(f"payload: {size} bytes is shorter than the smallest valid payload")
     data = bytes(blob)
-    if data[:4] != MAGIC:
-        raise PayloadError(f"magic: expected {MAGIC!r}, got {data[:4]!r} (not an osd-fl payload)")
-    (crc,) = struct.unpack("<I", data[-4:])
-    if zlib.crc32(memoryview(data)[:-4]) != crc:  # a view: no second copy of the payload
+    magic = data[: len(sizes.MAGIC)]
+    if magic != sizes.MAGIC:
+        raise PayloadError(f"magic: expected {sizes.MAGIC!r}, got {magic!r} (not an osd-fl payload)")
+    (crc,) = sizes.CRC.unpack(data[-sizes.CRC.size :])
+    if zlib.crc32(memoryview(data)[: -sizes.CRC.size]) != crc:  # a view: no second copy of the payload
         raise PayloadError("checksum: CRC-32 mismatch (payload corrupted or truncated)")
-    reader = _Reader(data, len(data) - 4)
-    reader.take(4, "magic")
-    version, vcode, mlen = reader.unpack("<BBB", "header")
+    reader = _Reader(data, len(data) - sizes.CRC.size)
+    reader.take(len(sizes.MAGIC), "magic")
+    version, vcode, mlen = reader.unpack(sizes.HEAD, "header")
     if version != FORMAT_VERSION:
         raise PayloadError(f"version: payload format {version}, this decoder reads {FORMAT_VERSION}")
     if vcode not in _CODE_VALUES:
@@ -395,10 +295,10 @@ def decode(
     name = raw_method.decode("ascii")
     if method is not None and name != method:
         raise PayloadError(f"method: payload is {name!r}, expected {method!r}")
-    (nrec,) = reader.unpack("<I", "record count")
+    (nrec,) = reader.unpack(sizes.COUNT, "record count")
     if expected is not None and nrec != len(expected):
         raise PayloadError(f"record count: payload has {nrec} tensors, the model has {len(expected)}")
-    if nrec > reader.remaining // _MIN_RECORD_BYTES:
+    if nrec > reader.remaining // sizes.MIN_RECORD_BYTES:
         raise PayloadError(f"record count: {nrec} records cannot fit in {reader.remaining} bytes")
     records: list[TensorRecord] = []
     seen: set[str] = set()
@@ -420,7 +320,7 @@ def _read_record(
     limit: tuple[int, int],
     seen: set[str],
 ) -> TensorRecord:
-    (nlen,) = reader.unpack("<H", f"record {index} name length")
+    (nlen,) = reader.unpack(sizes.NAME_LEN, f"record {index} name length")
     if nlen > _MAX_NAME:
         raise PayloadError(f"record {index} name: length {nlen} > {_MAX_NAME}")
     try:
@@ -431,7 +331,7 @@ def _read_record(
     if name in seen:
         raise PayloadError(f"{field}: appears twice")
     seen.add(name)
-    dcode, kcode, ndim = reader.unpack("<BBB", f"{field} header")
+    dcode, kcode, ndim = reader.unpack(sizes.RECORD_HEAD, f"{field} header")
     if dcode not in _CODE_DTYPES:
         raise PayloadError(f"{field}: unknown dtype code {dcode}")
     try:
@@ -440,7 +340,7 @@ def _read_record(
         raise PayloadError(f"{field}: unknown kind {kcode}") from None
     if ndim > _MAX_NDIM:
         raise PayloadError(f"{field}: ndim {ndim} > {_MAX_NDIM}")
-    shape = tuple(int(x) for x in reader.unpack(f"<{ndim}I", f"{field} shape"))
+    shape = tuple(int(x) for x in reader.unpack(sizes.dims(ndim), f"{field} shape"))
     dtype = _CODE_DTYPES[dcode]
     numel = math.prod(shape)
     if expected is not None:
@@ -462,7 +362,7 @@ def _read_record(
         if ndim < 2 or numel == 0:
             raise PayloadError(f"{field}: a low-rank record needs a non-empty matrix, got shape {shape}")
         n, d = shape[0], numel // shape[0]
-        (k,) = reader.unpack("<H", f"{field} rank")
+        (k,) = reader.unpack(sizes.RANK, f"{field} rank")
         if not 1 <= k <= min(n, d):
             raise PayloadError(f"{field}: rank {k} outside 1..{min(n, d)}")
         rec.rank = k
@@ -473,15 +373,16 @@ def _read_record(
     elif kind == Kind.SPARSE:
         rec.sections = [_read_section(reader, numel, value_dtype, f"{field} entries")]
     elif kind == Kind.QUANT8:
-        (block,) = reader.unpack("<I", f"{field} block")
+        (block,) = reader.unpack(sizes.BLOCK, f"{field} block")
         if block < 1 or block > max(numel, 1):
             raise PayloadError(f"{field}: block {block} outside 1..{numel}")
         nblocks = -(-numel // block)
-        scales = np.frombuffer(reader.take(4 * nblocks, f"{field} scales"), dtype="<f4").astype(np.float32)
+        scale_bytes, value_bytes = sizes.quant8_body_bytes(nblocks, numel)
+        scales = np.frombuffer(reader.take(scale_bytes, f"{field} scales"), dtype=QUANT8_SCALE).astype(np.float32)
         _check_values(scales, f"{field} scales")
         if scales.size and float(scales.min()) < 0:
             raise PayloadError(f"{field} scales: negative scale")
-        q = np.frombuffer(reader.take(numel, f"{field} int8 values"), dtype=np.int8)
+        q = np.frombuffer(reader.take(value_bytes, f"{field} int8 values"), dtype=QUANT8_VALUE)
         if q.size and int(q.min()) < -127:
             raise PayloadError(f"{field} int8 values: -128 is not a valid code (range is -127..127)")
         rec.block, rec.scales, rec.qvalues = block, scales, q
@@ -489,13 +390,6 @@ def _read_record(
 
 
 # -------------------------------------------------------------------- reconstruction
-
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
@@ -522,7 +416,7 @@ def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> 
         scales = np.repeat(rec.scales, rec.block)[: rec.numel]
         vals = rec.qvalues.astype(np.float32) * scales
         out = torch.from_numpy(vals).to(dev).reshape(rec.shape)
-    out = out.to(_TORCH_DTYPES[rec.dtype])
+    out = out.to(TORCH_DTYPES[rec.dtype])
     if rec.kind != Kind.ZERO and not bool(torch.isfinite(out).all()):
         # Every value was finite and bounded on decoding, but a product or the
         # cast to a narrow dtype (float16 tops out at 65504) can still overflow.

@@ -5,15 +5,17 @@ whose kind-specific bytes fit the budget it is given. It is pure: state that
 outlives one call (PowerSGD's warm starts) lives in a :class:`CompressorState`
 passed in; error feedback lives in :class:`osd_fl.feedback.ErrorFeedback`.
 
-Register a new method with :func:`register`; every registered method is run
-by the contract test in ``tests/test_contract.py``.
+The built-in methods live in :mod:`osd_fl.methods`, one module each, and are
+registered there when :mod:`osd_fl` is imported; register a new method with
+:func:`register`. What a method can do is written once, as class attributes
+of its compressor (:attr:`Compressor.uses_importance`,
+:attr:`Compressor.rank_free`, ...), and read with :func:`methods_with`.
 """
 
 from __future__ import annotations
 
-import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
@@ -21,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from osd_fl.budget import LOWRANK_OVERHEAD
 from osd_fl.config import CompressionConfig
 from osd_fl.errors import ConfigError
 from osd_fl.payload import Kind, Section, TensorRecord
+from osd_fl.seeds import item_seed
 
 __all__ = [
     "REGISTRY",
@@ -32,8 +34,11 @@ __all__ = [
     "CompressorState",
     "MatrixItem",
     "RecordForm",
+    "dense_record",
     "get_compressor",
+    "item_generator",
     "lowrank_record",
+    "methods_with",
     "register",
 ]
 
@@ -82,7 +87,7 @@ class CompressorState:
 def item_generator(cfg: CompressionConfig, item: MatrixItem) -> torch.Generator:
     """A generator seeded by the config seed and the tensor name (device of the matrix)."""
     gen = torch.Generator(device=item.mat.device)
-    gen.manual_seed((cfg.seed * 1_000_003 + zlib.crc32(item.name.encode())) % (2**63))
+    gen.manual_seed(item_seed(cfg.seed, item.name))
     return gen
 
 
@@ -165,6 +170,15 @@ class Compressor(ABC):
     supports_global: ClassVar[bool] = False
     #: Config fields this method forces (e.g. fp16 -> value_dtype).
     overrides: ClassVar[Mapping[str, object]] = {}
+    #: Whether the method's selection uses an importance map Z (so a client should compute one).
+    uses_importance: ClassVar[bool] = False
+    #: Whether the rank setting changes nothing the method sends: ``not budgeted``, set per subclass.
+    rank_free: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Derive :attr:`rank_free` from :attr:`budgeted` (one fact, written once)."""
+        super().__init_subclass__(**kwargs)
+        cls.rank_free = not cls.budgeted
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
@@ -198,9 +212,6 @@ def register(cls: _C) -> _C:
 
 def get_compressor(config: CompressionConfig) -> Compressor:
     """Instantiate the compressor ``config.method`` names."""
-    import osd_fl.baselines
-    import osd_fl.osd  # noqa: F401  (registers osd)
-
     try:
         cls = REGISTRY[config.method]
     except KeyError:
@@ -208,14 +219,18 @@ def get_compressor(config: CompressionConfig) -> Compressor:
     return cls(config)
 
 
-def weighted_error(mat: torch.Tensor, approx: torch.Tensor, z: torch.Tensor | None) -> float:
-    """``||sqrt(Z) * (mat - approx)||_F^2`` (Z = ones when ``None``)."""
-    diff = (mat - approx).square_()
-    if z is not None:
-        diff.mul_(z)
-    return float(diff.sum())
+def methods_with(attribute: str) -> tuple[str, ...]:
+    """Names of the registered methods whose compressor has the true class attribute ``attribute``.
 
+    E.g. ``methods_with("uses_importance")`` (``("osd",)``) or
+    ``methods_with("rank_free")`` (``("dense", "fp16", "int8")``), in
+    registration order.
 
-Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
-
-LOWRANK_FIXED = LOWRANK_OVERHEAD
+    Raises
+    ------
+    AttributeError
+        If ``attribute`` is not an attribute of :class:`Compressor`.
+    """
+    if not hasattr(Compressor, attribute):
+        raise AttributeError(f"Compressor has no attribute {attribute!r}")
+    return tuple(name for name, cls in REGISTRY.items() if getattr(cls, attribute) is True)

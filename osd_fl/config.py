@@ -23,14 +23,12 @@ Tuning guide (turn the knobs in this order):
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import ClassVar, Literal
 
 from osd_fl.errors import ConfigError
+from osd_fl.settings import Settings, check_literal_fields
+from osd_fl.sizes import value_bytes
 
 __all__ = [
     "LIMITS",
@@ -38,9 +36,6 @@ __all__ = [
     "CompressionConfig",
     "ImportanceForm",
     "ValueDType",
-    "check_literal_fields",
-    "coerce_value",
-    "fields_from_mapping",
 ]
 
 ValueDType = Literal["float32", "float16"]
@@ -80,12 +75,15 @@ _LIMIT_WHY = {
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(Settings):
     """Every setting of a compressor, with defaults a user would pick.
 
     Build one directly, or from loose key/value pairs (a Flower
-    ``ConfigRecord`` or CLI flags) with :meth:`from_mapping`.
+    ``ConfigRecord`` or CLI flags) with :meth:`from_mapping`; :meth:`replace`,
+    :meth:`to_dict` and :meth:`help` come from :class:`~osd_fl.settings.Settings`.
     """
+
+    settings_name: ClassVar[str] = "compression"
 
     method: str = field(
         default="osd",
@@ -194,149 +192,4 @@ class CompressionConfig:
     @property
     def value_bytes(self) -> int:
         """Bytes of one transmitted value (4 for float32, 2 for float16)."""
-        return 4 if self.value_dtype == "float32" else 2
-
-    def replace(self, **changes: Any) -> CompressionConfig:
-        """Return a copy with ``changes`` applied (validated, loose types coerced)."""
-        merged = self.to_dict()
-        merged.update(changes)
-        return CompressionConfig.from_mapping(merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain ``{field: value}`` (str, int, bool), e.g. for a Flower ConfigRecord."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, prefix: str = "", strict: bool = True) -> CompressionConfig:
-        """Build a config from loose key/value pairs.
-
-        Parameters
-        ----------
-        values
-            Keys are field names (optionally with ``prefix`` and ``-`` in place
-            of ``_``); values may be strings ("true", "4") as CLI flags and
-            ``run_config`` deliver them.
-        prefix
-            Only keys starting with ``prefix`` are read, with it stripped.
-        strict
-            Raise :class:`ConfigError` on an unknown key (after the prefix).
-
-        """
-        kwargs = fields_from_mapping(cls, values, prefix=prefix, strict=strict, what="compression")
-        return cls(**kwargs)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """``{field: help text}`` for CLIs and docs."""
-        return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
-
-
-def fields_from_mapping(
-    cls: type[Any], values: Mapping[str, Any], *, prefix: str = "", strict: bool = True, what: str = "config"
-) -> dict[str, Any]:
-    """Keyword arguments for the dataclass ``cls`` from loose key/value pairs.
-
-    The one parser behind :meth:`CompressionConfig.from_mapping`, the text
-    task's and the digits app's settings: CLI flags and Flower ``run_config``
-    deliver strings ("true", "4", "3e-4") and hyphenated keys.
-
-    Parameters
-    ----------
-    cls
-        A dataclass whose fields are annotated with ``bool``, ``int``,
-        ``float``, ``str``, a ``Literal`` of one of those, or ``X | None``
-        (other annotations are passed through unconverted).
-    values
-        Keys are field names, optionally with ``prefix`` and with ``-`` in
-        place of ``_``.
-    prefix
-        Only keys starting with ``prefix`` are read, with it stripped.
-    strict
-        Raise :class:`ConfigError` on an unknown key (after the prefix);
-        otherwise unknown keys are ignored.
-    what
-        What the options configure, for the error message.
-
-    Returns
-    -------
-    dict
-        ``{field: converted value}`` for the keys present; pass it to ``cls(**kwargs)``.
-
-    Raises
-    ------
-    ConfigError
-        On an unknown key (``strict``) or a value that does not convert, naming both.
-
-    """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for raw_key, raw in values.items():
-        if not raw_key.startswith(prefix):
-            continue
-        key = raw_key[len(prefix) :].replace("-", "_")
-        if key not in names:
-            if strict:
-                raise ConfigError(f"unknown {what} option {raw_key!r}; known: {sorted(names)}")
-            continue
-        kwargs[key] = coerce_value(raw_key, hints[key], raw)
-    return kwargs
-
-
-def check_literal_fields(obj: Any) -> None:
-    """Raise :class:`ConfigError` if a ``Literal``-annotated field of dataclass ``obj`` holds another value."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        tp = hints[f.name]
-        value = getattr(obj, f.name)
-        if typing.get_origin(tp) is Literal and value not in get_args(tp):
-            raise ConfigError(f"{f.name}={value!r} is not one of {list(get_args(tp))}")
-
-
-def _base_type(tp: Any) -> Any:
-    if typing.get_origin(tp) is Literal:
-        return type(get_args(tp)[0])
-    if isinstance(tp, types.UnionType):
-        return get_args(tp)[0]
-    return tp
-
-
-def coerce_value(name: str, tp: Any, raw: Any) -> Any:
-    """Convert ``raw`` to the type ``tp`` of field ``name`` (see :func:`fields_from_mapping`).
-
-    Booleans accept ``True/False``, ``0/1`` and the strings
-    ``1/true/yes/on`` and ``0/false/no/off``; integers refuse booleans and
-    non-integral floats; floats refuse booleans.
-
-    Raises
-    ------
-    ConfigError
-        If the value does not convert; the message names the option.
-
-    """
-    base = _base_type(tp)
-    try:
-        if base is bool:
-            if isinstance(raw, bool):
-                return raw
-            if isinstance(raw, (int, float)) and raw in (0, 1):
-                return bool(raw)
-            text = str(raw).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(raw)
-        if base is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            return int(raw)
-        if base is float:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            return float(raw)
-        if base is str:
-            return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name}={raw!r} is not a valid {base.__name__}") from None
-    return raw
+        return value_bytes(self.value_dtype)

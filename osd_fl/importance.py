@@ -103,45 +103,64 @@ def compute_importance(
     for n in selected:
         params[n].requires_grad_(True)
         params[n].grad = None
-    fisher: dict[str, torch.Tensor] = {}
-    batches = 0
     try:
-        with torch.enable_grad():
-            for batch in islice(loader, num_batches):
-                loss = loss_fn(model, batch)
-                torch.autograd.backward(loss)
-                batches += 1
-                if form == "fisher":
-                    for n in selected:
-                        g = params[n].grad
-                        if g is not None:
-                            sq = g.detach().to(torch.float32).square()
-                            fisher[n] = fisher[n].add_(sq) if n in fisher else sq
-                            params[n].grad = None
-        if batches == 0:
-            raise ConfigError("importance: the validation loader yielded no batch")
-        out: dict[str, torch.Tensor] = {}
-        for n in selected:
-            p = params[n]
-            if form == "fisher":
-                z = fisher.get(n, torch.zeros_like(p, dtype=torch.float32)) / batches
-            else:
-                g = (
-                    p.grad.detach().to(torch.float32) / batches
-                    if p.grad is not None
-                    else torch.zeros_like(p, dtype=torch.float32)
-                )
-                if form == "taylor":
-                    assert reference is not None
-                    g = g * (p.detach().to(torch.float32) - reference[n].to(p.device, torch.float32))
-                z = g.abs()
-            out[n] = z
-        return out
+        fisher, batches = _backward_batches(model, loader, loss_fn, params, selected, form, num_batches)
+        return {n: _map(params[n], fisher.get(n), batches, form, reference, n) for n in selected}
     finally:
         for n in selected:
             params[n].grad = None
             params[n].requires_grad_(grads_enabled[n])
         model.train(was_training)
+
+
+def _backward_batches(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    params: Mapping[str, nn.Parameter],
+    selected: list[str],
+    form: str,
+    num_batches: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Backward the loss of up to ``num_batches`` batches: gradients summed in ``.grad``, or (fisher) squares summed.
+
+    Returns the per-batch squared gradients' sums (fisher only) and the number of batches.
+    """
+    fisher: dict[str, torch.Tensor] = {}
+    batches = 0
+    with torch.enable_grad():
+        for batch in islice(loader, num_batches):
+            loss = loss_fn(model, batch)
+            torch.autograd.backward(loss)
+            batches += 1
+            if form == "fisher":
+                for n in selected:
+                    g = params[n].grad
+                    if g is not None:
+                        sq = g.detach().to(torch.float32).square()
+                        fisher[n] = fisher[n].add_(sq) if n in fisher else sq
+                        params[n].grad = None
+    if batches == 0:
+        raise ConfigError("importance: the validation loader yielded no batch")
+    return fisher, batches
+
+
+def _map(
+    p: nn.Parameter,
+    fisher_sum: torch.Tensor | None,
+    batches: int,
+    form: str,
+    reference: Mapping[str, torch.Tensor] | None,
+    name: str,
+) -> torch.Tensor:
+    """Z of one parameter from its summed gradient (``p.grad``) or summed squared gradients (fisher)."""
+    if form == "fisher":
+        return (fisher_sum if fisher_sum is not None else torch.zeros_like(p, dtype=torch.float32)) / batches
+    g = p.grad.detach().to(torch.float32) / batches if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+    if form == "taylor":
+        assert reference is not None
+        g = g * (p.detach().to(torch.float32) - reference[name].to(p.device, torch.float32))
+    return g.abs()
 
 
 def _adam_importance(

@@ -9,13 +9,14 @@ the tensor from the record's kind alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DTYPE_CODES", "Kind", "Payload", "Section", "TensorRecord"]
+__all__ = ["Kind", "Payload", "Section", "TensorRecord", "matrix_dims"]
 
 
 class Kind(IntEnum):
@@ -28,8 +29,10 @@ class Kind(IntEnum):
     QUANT8 = 4  #: int8 values with one float32 scale per block
 
 
-#: Original dtype of a tensor <-> its code on the wire.
-DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    """``(n, d)`` of a tensor seen as the matrix ``shape[0] x prod(shape[1:])`` (a scalar is ``1 x 1``)."""
+    n = int(shape[0]) if shape else 1
+    return n, (math.prod(shape) // n if n else 0)
 
 
 @dataclass
@@ -80,8 +83,7 @@ class TensorRecord:
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """``(n, d)``: the tensor seen as a matrix ``shape[0] x prod(shape[1:])``."""
-        n = self.shape[0] if self.shape else 1
-        return n, (self.numel // n if n else 0)
+        return matrix_dims(self.shape)
 
     @property
     def kept(self) -> int:

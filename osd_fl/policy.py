@@ -9,12 +9,12 @@ dense too (dense is then cheaper *and* exact). Tensors whose name contains
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from enum import Enum
 
-from osd_fl.budget import matrix_budget
 from osd_fl.config import CompressionConfig
+from osd_fl.payload import matrix_dims
+from osd_fl.sizes import matrix_budget
 
 __all__ = ["Route", "plan_routes"]
 
@@ -25,12 +25,6 @@ class Route(Enum):
     COMPRESS = "compress"
     DENSE = "dense"
     SKIP = "skip"
-
-
-def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
-    """``(n, d)`` of a tensor seen as ``shape[0] x prod(shape[1:])``."""
-    n = int(shape[0]) if shape else 1
-    return n, (math.prod(shape) // n if n else 0)
 
 
 def plan_routes(

@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from osd_fl.config import CompressionConfig
 from osd_fl.errors import ConfigError, PayloadError
+from osd_fl.settings import option_name
 
 __all__ = [
     "CONFIG_PREFIX",
@@ -284,11 +285,7 @@ def has_config(values: Mapping[str, Any], *, prefix: str = CONFIG_PREFIX) -> boo
 def unknown_config_keys(values: Mapping[str, Any], *, prefix: str = CONFIG_PREFIX) -> list[str]:
     """Keys with ``prefix`` that name no :class:`CompressionConfig` field."""
     known = set(CompressionConfig.help())
-    out = []
-    for key in values:
-        if isinstance(key, str) and key.startswith(prefix) and key[len(prefix) :].replace("-", "_") not in known:
-            out.append(key)
-    return sorted(out)
+    return sorted(key for key in values if isinstance(key, str) and option_name(key, prefix) not in (None, *known))
 
 
 def config_from_record(
@@ -330,9 +327,9 @@ def config_from_record(
             raise ConfigError(f"unknown compression settings {unknown}; known: {sorted(CompressionConfig.help())}")
         log.warning("ignoring unknown compression settings %s", unknown)
     sent = {
-        k[len(prefix) :].replace("-", "_"): v
+        name: v
         for k, v in values.items()
-        if isinstance(k, str) and k.startswith(prefix) and k not in unknown
+        if isinstance(k, str) and k not in unknown and (name := option_name(k, prefix)) is not None
     }
     base = defaults if defaults is not None else CompressionConfig()
     if not sent:

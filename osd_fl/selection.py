@@ -3,11 +3,11 @@
 All sparse methods (OSD, MagTruncSVD, top-k; per matrix or globally) reduce
 to one problem: given scores for the slots of several sections, keep the
 highest-scoring entries such that the encoded sections fit ``budget`` bytes.
-The cost of a section is exact (:func:`osd_fl.budget.best_coding` plus the
-values), and it grows with the number of kept entries, so the longest
-score-ordered prefix that fits is found by bisection; a bounded greedy pass
-then keeps scanning past the first entry that did not fit, since entries of
-another section can still be cheaper.
+The cost of a section is exact (:func:`osd_fl.sizes.selection_bytes`), and
+it grows with the number of kept entries, so the longest score-ordered
+prefix that fits is found by bisection; a bounded greedy pass then keeps
+scanning past the first entry that did not fit, since entries of another
+section can still be cheaper.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from osd_fl.budget import best_coding
+from osd_fl.positions import best_coding
+from osd_fl.sizes import selection_bytes
 
-__all__ = ["select", "selection_bytes"]
+__all__ = ["select"]
 
 #: Entries scanned past the prefix by the greedy fill.
 GREEDY_SCAN = 1024
-
-
-def selection_bytes(counts: Sequence[int], slots: Sequence[int], value_bytes: int) -> int:
-    """Exact bytes of positions and values of sections with ``counts`` kept entries."""
-    return sum(best_coding(c, m)[2] + c * value_bytes for c, m in zip(counts, slots, strict=True))
 
 
 def _greedy_fill(

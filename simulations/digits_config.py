@@ -12,21 +12,22 @@ any key at run time::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from osd_fl import CompressionConfig, ConfigError
-from osd_fl.config import fields_from_mapping
 from osd_fl.records import CONFIG_PREFIX
+from osd_fl.settings import Settings, flag_name
 
 __all__ = ["DigitsSettings", "app_config_items", "app_config_toml", "compression_from_run_config"]
 
 
 @dataclass(frozen=True)
-class DigitsSettings:
+class DigitsSettings(Settings):
     """Everything a digits run needs besides the compression settings."""
+
+    settings_name: ClassVar[str] = "digits app"
 
     num_server_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     fraction_train: float = field(default=1.0, metadata={"help": "Share of connected nodes sampled for training."})
@@ -84,7 +85,7 @@ class DigitsSettings:
         Missing keys keep their defaults, so ``run_simulation`` (empty
         run_config) gets a working run.
         """
-        return cls(**fields_from_mapping(cls, run_config, strict=False, what="digits app"))
+        return cls.from_mapping(run_config, strict=False)
 
 
 def compression_from_run_config(run_config: Mapping[str, Any]) -> CompressionConfig:
@@ -95,10 +96,10 @@ def compression_from_run_config(run_config: Mapping[str, Any]) -> CompressionCon
 def app_config_items() -> dict[str, Any]:
     """Every ``[tool.flwr.app.config]`` key with its default, in order."""
     items: dict[str, Any] = {}
-    for f in dataclasses.fields(DigitsSettings):
-        items[f.name.replace("_", "-")] = getattr(DigitsSettings(), f.name)
+    for name, value in DigitsSettings().to_dict().items():
+        items[flag_name(name)] = value
     for name, value in CompressionConfig().to_dict().items():
-        items[f"{CONFIG_PREFIX}{name.replace('_', '-')}"] = value
+        items[flag_name(name, CONFIG_PREFIX)] = value
     return items
 
 
@@ -113,8 +114,8 @@ def _toml_value(value: Any) -> str:
 
 def app_config_toml() -> str:
     """The ``[tool.flwr.app.config]`` section, with each setting's help as a comment."""
-    helps = {f.name.replace("_", "-"): str(f.metadata.get("help", "")) for f in dataclasses.fields(DigitsSettings)}
-    helps.update({f"{CONFIG_PREFIX}{k.replace('_', '-')}": v for k, v in CompressionConfig.help().items()})
+    helps = {flag_name(k): v for k, v in DigitsSettings.help().items()}
+    helps.update({flag_name(k, CONFIG_PREFIX): v for k, v in CompressionConfig.help().items()})
     lines = ["[tool.flwr.app.config]"]
     for key, value in app_config_items().items():
         lines.append(f"# {helps[key]}")

@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from osd_fl import CompressionConfig
+from osd_fl import CompressionConfig, methods_with
 from simulations.devices import torch_threads
 from simulations.text import TextTaskConfig
 from simulations.text_fl import RoundRow, run_text_fl
@@ -65,7 +65,7 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "osd-adam": {"method": "osd", "importance": "adam"},
     "osd-ones": {"method": "osd", "importance": "ones"},
 }
-RANK_FREE = {"dense", "fp16", "int8"}
+RANK_FREE = frozenset(methods_with("rank_free"))
 
 
 @dataclass(frozen=True)

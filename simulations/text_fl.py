@@ -32,6 +32,7 @@ from osd_fl.records import (
     record_to_tensors,
     tensors_to_record,
 )
+from osd_fl.seeds import client_seed
 from simulations.devices import seeded
 from simulations.text import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
@@ -76,7 +77,7 @@ def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
         train_loader, val_loader = task.client_loaders(pid, round_seed=server_round)
         # dropout draws from torch's global generator: seed it per (seed, client, round),
         # inside a block that restores the caller's generator afterwards
-        with seeded((cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**63)):
+        with seeded(client_seed(cfg.seed, pid, server_round)):
             optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
             loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
             content = RecordDict(

@@ -61,3 +61,28 @@ def test_bench_perf_quick_runs_every_section() -> None:
         "framing share",
     ):
         assert title in out, f"missing {title!r} in the output:\n{out[-3000:]}"
+
+
+def test_benchmarks_use_no_library_privates() -> None:
+    """Benchmarks call the library as users do (issue 13): no ``_name`` from osd_fl, no monkeypatching it."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("simulations", "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = {"osd_fl"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("osd_fl"):
+                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+                aliases.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                aliases.update(a.asname or a.name for a in node.names if a.name.startswith("osd_fl"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in aliases:
+                    offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, offenders

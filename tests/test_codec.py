@@ -12,13 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osd_fl import REGISTRY, PayloadError, compress, decompress, get_compressor, payload_budget
-from osd_fl.budget import Coding, best_coding, position_bytes
-from osd_fl.codec import decode, decode_positions, encode, encode_positions
-from osd_fl.config import CompressionConfig
+from osd_fl import REGISTRY, PayloadError, compress, decompress, payload_budget
+from osd_fl.codec import decode, encode
 from osd_fl.payload import Kind, Payload, Section, TensorRecord
+from osd_fl.positions import Coding, best_coding, decode_positions, encode_positions, position_bytes
 
-get_compressor(CompressionConfig())  # populate the registry
 METHODS = sorted(REGISTRY)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -41,7 +39,7 @@ def test_position_codings_round_trip_with_exact_size(case: tuple[int, np.ndarray
         if coding == Coding.ALL:
             return
     else:
-        from osd_fl.budget import elias_fano_low_bits
+        from osd_fl.positions import elias_fano_low_bits
 
         param = elias_fano_low_bits(pos.size, slots) if coding == Coding.ELIAS_FANO else 0
         size = position_bytes(coding, pos.size, slots, param)

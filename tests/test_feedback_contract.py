@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,9 +12,11 @@ from osd_fl import (
     CompressorState,
     ConfigError,
     ErrorFeedback,
+    OSDError,
+    PayloadError,
+    UpdateError,
     compress,
     decompress,
-    get_compressor,
     payload_budget,
 )
 from tests.helpers import low_rank_plus_sparse
@@ -21,7 +24,6 @@ from tests.helpers import low_rank_plus_sparse
 # test code here draws from torch's global generator: seeded per test and restored afterwards
 pytestmark = pytest.mark.usefixtures("global_rng")
 
-get_compressor(CompressionConfig())
 METHODS = sorted(REGISTRY)
 
 
@@ -108,12 +110,49 @@ def test_config_errors_are_typed_and_named() -> None:
         compress(upd, method="nope")
     with pytest.raises(ConfigError, match="rank"):
         compress(upd, rank=0)
-    with pytest.raises(ConfigError, match="NaN"):
-        compress({"w": torch.full((10, 10), float("nan"))})
-    with pytest.raises(ConfigError, match="importance"):
-        compress(upd, importance={"w": -torch.ones(10, 10)}, min_numel=0)
     with pytest.raises(ConfigError, match="unknown compression option"):
         CompressionConfig.from_mapping({"rnak": 2})
+
+
+def test_bad_inputs_raise_update_error() -> None:
+    """A bad update or importance map is an input error, not a setting error (both are OSDError and ValueError)."""
+    upd = {"w": torch.randn(10, 10)}
+    cases = [
+        ({}, None, "empty"),
+        ({"w": torch.full((10, 10), float("nan"))}, None, "NaN"),
+        ({"w": torch.ones(10, 10, dtype=torch.int64)}, None, "floating"),
+        (upd, {"w": -torch.ones(10, 10)}, "importance"),
+        (upd, {"w": torch.ones(5, 20)}, "shape"),
+    ]
+    for update, importance, match in cases:
+        with pytest.raises(UpdateError, match=match) as info:
+            compress(update, importance=importance, min_numel=0)
+        assert isinstance(info.value, OSDError) and isinstance(info.value, ValueError)
+        assert not isinstance(info.value, ConfigError)
+
+
+def test_malformed_payload_objects_raise_payload_error() -> None:
+    """encode names the problem of a hand-built payload instead of letting KeyError/AssertionError escape."""
+    from osd_fl import Kind, Payload, Section, TensorRecord, encode
+
+    good = Section(slots=4, values=np.zeros(4, dtype=np.float32))
+    cases = [
+        (Payload("dense", "float8", [TensorRecord("w", (4,), "float32", Kind.DENSE, [good])]), "value dtype"),
+        (Payload("dense", "float32", [TensorRecord("w", (4,), "int7", Kind.DENSE, [good])]), "dtype 'int7'"),
+        (Payload("int8", "float32", [TensorRecord("w", (4,), "float32", Kind.QUANT8, block=4)]), "scales"),
+        (Payload("dense", "float32", [TensorRecord("w", (4,), "float32", Kind.DENSE)]), "section"),
+        (Payload("osd", "float32", [TensorRecord("w", (2, 2), "float32", Kind.LOWRANK, [good], rank=1)]), "section"),
+        (
+            Payload(
+                "topk", "float32", [TensorRecord("w", (4,), "float32", Kind.SPARSE, [Section(4, good.values[:2])])]
+            ),
+            "every slot",
+        ),
+        (Payload("x" * 300, "float32", []), "255"),
+    ]
+    for payload, match in cases:
+        with pytest.raises(PayloadError, match=match):
+            encode(payload)
 
 
 def test_config_from_strings_round_trips() -> None:

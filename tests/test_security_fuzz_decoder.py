@@ -40,12 +40,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osd_fl import REGISTRY, CompressionConfig, PayloadError, compress, get_compressor
-from osd_fl.budget import Coding, index_width, position_bytes
+from osd_fl import REGISTRY, PayloadError, compress
 from osd_fl.codec import VALUE_LIMIT, decode, iter_tensors
 from osd_fl.payload import Kind, Payload
+from osd_fl.positions import Coding, index_width, position_bytes
 
-get_compressor(CompressionConfig())  # populate the registry
 METHODS = sorted(REGISTRY)
 
 #: Default-suite and long-run sizes of every fuzz property in this module.

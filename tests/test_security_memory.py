@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from osd_fl import PayloadError
-from osd_fl.budget import Coding, index_width
 from osd_fl.codec import decode
 from osd_fl.payload import Kind
+from osd_fl.positions import Coding, index_width
 from tests.test_security_fuzz_decoder import raw_payload, raw_record, raw_section
 
 TERA = (10**6, 10**6)  # 10**12 elements

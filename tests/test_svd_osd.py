@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from osd_fl import compress, decompress, payload_budget
-from osd_fl.budget import LOWRANK_OVERHEAD, matrix_budget
 from osd_fl.compressor import MatrixItem
 from osd_fl.config import CompressionConfig
-from osd_fl.osd import OSD, damage_scores
+from osd_fl.methods.osd import OSD, damage_scores
+from osd_fl.sizes import LOWRANK_OVERHEAD, matrix_budget
 from osd_fl.svd import split_factors, truncated_svd
 from tests.helpers import low_rank_plus_sparse, weighted_rel_error
 
@@ -126,17 +126,24 @@ def test_matrix_budget_is_truncsvd_cost() -> None:
     n, d, r = 120, 70, 3
     blob = compress({"w": torch.randn(n, d)}, method="truncsvd", rank=r, min_numel=0)
     # header + record header + kind-specific part
-    from osd_fl.codec import header_bytes, record_header_bytes
+    from osd_fl.sizes import header_bytes, record_header_bytes
 
     assert len(blob) == header_bytes("truncsvd") + record_header_bytes("w", 2) + matrix_budget(n, d, r, 4)
+
+
+def weighted_error(mat: torch.Tensor, approx: torch.Tensor, z: torch.Tensor | None) -> float:
+    """``||sqrt(Z) * (mat - approx)||_F^2`` (Z = ones when ``None``), formed directly."""
+    diff = (mat - approx).square_()
+    if z is not None:
+        diff.mul_(z)
+    return float(diff.sum())
 
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("shape", [(7, 5), (96, 40), (300, 1100)])
 def test_candidate_errors_equal_the_direct_weighted_error(shape: tuple[int, int], weighted: bool) -> None:
     """The one-pass candidate errors (expansion without Z, cache blocks with Z) equal the n x d formula."""
-    from osd_fl.compressor import weighted_error
-    from osd_fl.osd import candidate_errors
+    from osd_fl.methods.sparse_lowrank import candidate_errors
 
     g = torch.Generator().manual_seed(sum(shape))
     n, d = shape
@@ -151,3 +158,14 @@ def test_candidate_errors_equal_the_direct_weighted_error(shape: tuple[int, int]
     want = [weighted_error(mat.double(), (a @ b).double(), None if z is None else z.double()) for a, b in cands]
     assert got == pytest.approx(want, rel=1e-5)
     assert min(range(3), key=got.__getitem__) == min(range(3), key=want.__getitem__)
+
+
+def test_seeds_are_the_documented_formulas() -> None:
+    """The one home of the seed arithmetic keeps the formulas every past payload was made with."""
+    import zlib
+
+    from osd_fl.seeds import client_seed, item_seed
+
+    assert item_seed(7, "fc.weight") == (7 * 1_000_003 + zlib.crc32(b"fc.weight")) % 2**63
+    assert client_seed(3, 5, 2) == (3 * 1_000_003 + 5 * 7919 + 2) % 2**63
+    assert item_seed(2**63 - 1, "w") < 2**63

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from osd_fl import compress
+from osd_fl import compress, methods_with
 from simulations.bench.harness import (
     GB,
     MB,
@@ -51,7 +51,7 @@ CLIENT_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-USES_IMPORTANCE = {"osd fixed c", "osd adaptive c"}
+USES_IMPORTANCE = {label for label, opts in CLIENT_METHODS.items() if opts["method"] in methods_with("uses_importance")}
 
 
 def _timed_importance(

@@ -12,11 +12,10 @@ from typing import Any
 import torch
 from flwr.common.serde import message_to_proto
 
-from osd_fl import CompressionConfig, compress, decode, decompress, encode, payload_budget
-from osd_fl.budget import paper_bits
-from osd_fl.codec import _encode_section
-from osd_fl.payload import Kind, TensorRecord
+from osd_fl import CompressionConfig, Kind, compress, decode, decompress, encode, payload_budget
+from osd_fl.positions import index_width
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload
+from osd_fl.sizes import paper_bits, record_body_bytes
 from simulations.bench.harness import MB, header, load1, print_table, repeat, wait_quiet
 from simulations.bench.workloads import (
     MODEL_LABELS,
@@ -26,19 +25,6 @@ from simulations.bench.workloads import (
     synthetic_update,
     train_messages,
 )
-
-
-def _record_bytes(rec: TensorRecord, value_bytes: int) -> int:
-    """Kind-specific bytes of a record on the wire (what follows its name and shape)."""
-    return len(encode_record_body(rec, value_bytes))
-
-
-def encode_record_body(rec: TensorRecord, value_bytes: int) -> bytes:
-
-    vdt = "float16" if value_bytes == 2 else "float32"
-    if rec.kind == Kind.LOWRANK:
-        return b"\0\0" + b"".join(_encode_section(s, vdt) for s in rec.sections)
-    return _encode_section(rec.sections[0], vdt)
 
 
 def entropy_bits(count: int, slots: int) -> float:
@@ -58,7 +44,7 @@ def codec_stats(blob: bytes, value_bits: int, specs: Mapping[str, Any]) -> dict[
             n, d = rec.matrix_shape
             k = rec.rank
             s_a, s_b = rec.sections[0].count, rec.sections[1].count
-            ours += _record_bytes(rec, vb)
+            ours += record_body_bytes(rec, payload.value_dtype)
             kept += s_a + s_b
             if rec.sections[0].positions is None and rec.sections[1].positions is None:
                 dense_recs += 1  # dense factors: the paper's TruncSVD cost, no index
@@ -70,11 +56,10 @@ def codec_stats(blob: bytes, value_bits: int, specs: Mapping[str, Any]) -> dict[
                 bound += (value_bits * (s_a + s_b) + entropy_bits(s_a, n * k) + entropy_bits(s_b, k * d)) / 8
         elif rec.kind == Kind.SPARSE:
             sec = rec.sections[0]
-            ours += _record_bytes(rec, vb)
+            ours += record_body_bytes(rec, payload.value_dtype)
             kept += sec.count
             sparse_recs += 1
-            width = max(1, (sec.slots - 1).bit_length())
-            paper += (value_bits + width) * sec.count / 8
+            paper += (value_bits + index_width(sec.slots)) * sec.count / 8
             bound += (value_bits * sec.count + entropy_bits(sec.count, sec.slots)) / 8
         elif rec.kind == Kind.DENSE:
             dense_fixed += rec.numel * vb

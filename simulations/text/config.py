@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from osd_fl.config import check_literal_fields, fields_from_mapping
 from osd_fl.errors import ConfigError
+from osd_fl.settings import Settings, check_literal_fields
 
 #: Label names in label order: ``0 = rotten``, ``1 = fresh``.
 LABEL_NAMES: tuple[str, str] = ("rotten", "fresh")
@@ -27,7 +25,7 @@ CacheDType = Literal["float32", "float16"]
 
 
 @dataclass(frozen=True)
-class TextTaskConfig:
+class TextTaskConfig(Settings):
     """Every knob of the text task, with defaults sized for a 2-core CPU.
 
     The defaults train the top BertLayer, the pooler and the classifier
@@ -42,6 +40,8 @@ class TextTaskConfig:
     points of central accuracy at about 4x the cost per step. Re-measure with
     ``python -m simulations.bench.text``.
     """
+
+    settings_name: ClassVar[str] = "text-task"
 
     num_clients: int = field(
         default=8,
@@ -155,69 +155,6 @@ class TextTaskConfig:
             raise ConfigError(f"lr={self.lr} must be > 0 and weight_decay={self.weight_decay} >= 0")
         if self.mode == "cached" and not self.freeze_embeddings:
             raise ConfigError("mode=cached always freezes the embeddings; set freeze_embeddings=True or mode=full")
-
-    def replace(self, **changes: Any) -> TextTaskConfig:
-        """Return a copy with ``changes`` applied (validated, loose types coerced).
-
-        Parameters
-        ----------
-        **changes
-            Field names and new values.
-
-        Returns
-        -------
-        TextTaskConfig
-            The new configuration.
-
-        """
-        merged = self.to_dict()
-        merged.update(changes)
-        return TextTaskConfig.from_mapping(merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain ``{field: value}`` (str, int, float, bool).
-
-        Returns
-        -------
-        dict
-            One entry per field.
-
-        """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, prefix: str = "", strict: bool = True) -> TextTaskConfig:
-        """Build a config from loose key/value pairs (CLI flags, a Flower ``run_config``).
-
-        Parameters
-        ----------
-        values
-            Keys are field names, optionally with ``prefix`` and with ``-`` in
-            place of ``_``; values may be strings such as ``"true"`` or ``"4"``.
-        prefix
-            Only keys starting with ``prefix`` are read, with it stripped.
-        strict
-            Raise :class:`ConfigError` on an unknown key (after the prefix).
-
-        Returns
-        -------
-        TextTaskConfig
-            The validated configuration.
-
-        """
-        return cls(**fields_from_mapping(cls, values, prefix=prefix, strict=strict, what="text-task"))
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """``{field: help text}`` for CLIs and docs.
-
-        Returns
-        -------
-        dict
-            One entry per field.
-
-        """
-        return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
 
     @property
     def trained_layers(self) -> int:

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from osd_fl.errors import ConfigError
+from osd_fl.seeds import client_seed
 from simulations.devices import resolve_device
 from simulations.text.cache import ActivationCache, build_activation_cache, load_or_build_activation_cache
 from simulations.text.config import TextTaskConfig
@@ -300,7 +301,7 @@ class TextTask:
             data = self.client_data(partition_id)
             self._client_sets[partition_id] = (self.torch_dataset(data.train), self.torch_dataset(data.val))
         train_set, val_set = self._client_sets[partition_id]
-        seed = (self.config.seed * 1_000_003 + partition_id * 7919 + round_seed) % (2**63)
+        seed = client_seed(self.config.seed, partition_id, round_seed)
         train = make_loader(train_set, self.config.batch_size, shuffle=True, seed=seed)
         val = make_loader(val_set, self.config.batch_size)
         return train, val

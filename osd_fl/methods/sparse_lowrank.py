@@ -1,26 +1,17 @@
-"""OSD — Optimal Singular Damage — and the sparse low-rank machinery it shares.
+"""The sparse low-rank engine that OSD and MagTruncSVD share.
 
 For one matrix ``M`` (n x d) with importance ``Z`` and budget rank ``r``:
 
 1. SVD at the relaxed rank ``k = r + c``; fold ``sqrt(S)`` into both factors,
    ``A = U sqrt(S)`` (n x k) and ``B = sqrt(S) Vh`` (k x d).
-2. Damage scores: zeroing ``A_ij`` removes ``A_ij B_j,:`` from row ``i`` of the
-   approximation, zeroing ``B_jt`` removes ``A_:,j B_jt`` from column ``t``;
-   weighted by ``Z``::
-
-       S_A = |A| * (Z |B|^T)        S_B = |B| * (|A|^T Z)
-
+2. Score every entry of ``A`` and ``B`` (the method's :meth:`SparseLowRank.scores`).
 3. Rank all entries of ``A`` and ``B`` together by score and keep them while
    the *encoded* sections fit the bytes dense rank-``r`` factors would take
-   (:func:`osd_fl.selection.select`).
-4. Adaptive ``c`` (default): try ``c = 0`` (dense TruncSVD) and ``c = 1..relax``
-   and keep the one with the least ``||sqrt(Z) * (M - A_hat B_hat)||_F^2``,
-   so OSD is never worse than TruncSVD on that error at the same budget.
-
-Tuning: ``relax`` bounds the extra directions (3 is a good default; each
-extra c costs one more ``n x d x k`` product when adaptive); ``second_pass``
-re-selects B after A is masked (measure before enabling: see docs);
-``value_dtype="float16"`` roughly doubles the kept entries.
+   (:func:`osd_fl.selection.select`); optionally re-select ``B`` after ``A``
+   is masked, with the method's :meth:`SparseLowRank.second_pass_scores`.
+4. Adaptive ``c`` (a method's choice): try ``c = 0`` (dense TruncSVD) and
+   ``c = 1..relax`` and keep the one with the least
+   ``||sqrt(Z) * (M - A_hat B_hat)||_F^2`` (:func:`candidate_errors`).
 """
 
 from __future__ import annotations
@@ -36,64 +27,38 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from osd_fl.budget import LOWRANK_OVERHEAD
-from osd_fl.compressor import (
-    Compressor,
-    CompressorState,
-    MatrixItem,
-    RecordForm,
-    item_generator,
-    lowrank_record,
-    register,
-)
+from osd_fl import sizes, timing
+from osd_fl.compressor import Compressor, CompressorState, MatrixItem, RecordForm, item_generator, lowrank_record
 from osd_fl.payload import Kind, TensorRecord
-from osd_fl.selection import select, selection_bytes
+from osd_fl.selection import select
 from osd_fl.svd import split_factors, truncated_svd
+
+__all__ = ["BLOCK_BYTES", "Positions", "SparseLowRank", "candidate_errors", "masked"]
 
 #: Kept positions of ``A`` and of ``B`` (flat, sorted).
 Positions = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
-
-__all__ = ["OSD", "SparseLowRank", "candidate_errors", "damage_scores"]
-
-
-def damage_scores(
-    a: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None, damage: str = "l2"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score the damage of dropping each entry of ``A`` and of ``B``.
-
-    ``l1``: ``S_A = |A| * (Z |B|^T)``, ``S_B = |B| * (|A|^T Z)`` -- with
-    ``Z = |G|`` a bound on the first-order loss change (ALGORITHM.md).
-    ``l2``: ``S_A = A^2 * (Z (B^2)^T)``, ``S_B = B^2 * ((A^2)^T Z)`` -- exactly
-    the Z-weighted squared error ``sum_t Z_it (A_ij B_jt)^2`` that dropping
-    that one entry adds, i.e. the objective adaptive c minimises. ``Z = ones``
-    when ``None``.
-    """
-    if damage == "l2":
-        abs_a, abs_b = a.square(), b.square()
-    else:
-        abs_a, abs_b = a.abs(), b.abs()
-    if z is None:
-        return abs_a * abs_b.sum(dim=1)[None, :], abs_b * abs_a.sum(dim=0)[:, None]
-    return abs_a * (z @ abs_b.T), abs_b * (abs_a.T @ z)
-
-
-def _masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
-    mask = torch.zeros(f.numel(), dtype=f.dtype, device=f.device)
-    mask[torch.from_numpy(pos).to(f.device)] = 1
-    return f * mask.reshape(f.shape)
-
+#: Factors ``A`` (n x k) and ``B`` (k x d).
+Factors = tuple[torch.Tensor, torch.Tensor]
 
 #: Bytes of one row block of ``M`` in :func:`candidate_errors` with ``Z`` on CPU: the blocks of ``M``,
 #: ``Z`` and ``Z * M`` stay in cache while both products read them, so each is read from memory once.
 BLOCK_BYTES = 1 << 21
 
 
+def masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
+    """``f`` with every entry outside the flat positions ``pos`` set to zero."""
+    mask = torch.zeros(f.numel(), dtype=f.dtype, device=f.device)
+    mask[torch.from_numpy(pos).to(f.device)] = 1
+    return f * mask.reshape(f.shape)
+
+
 def candidate_errors(
     mat: torch.Tensor,
     z: torch.Tensor | None,
-    candidates: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    candidates: Sequence[Factors],
     *,
     include_base: bool = True,
+    block_bytes: int = BLOCK_BYTES,
 ) -> list[float]:
     """Z-weighted squared error ``sum Z * (M - A_c B_c)^2`` of every candidate, without forming ``A_c B_c``.
 
@@ -124,6 +89,9 @@ def candidate_errors(
     include_base
         Add ``sum Z M^2`` (the same for every candidate); ``False`` saves a
         pass when only the ranking is needed.
+    block_bytes
+        Bytes of one row block of ``M`` when ``Z`` is on the CPU (on CUDA the
+        whole matrix is one block).
 
     Returns
     -------
@@ -135,44 +103,61 @@ def candidate_errors(
         return []
     dtype = candidates[0][0].dtype
     m = mat.to(dtype)
-    n, d = m.shape
     ks = tuple(int(b.shape[0]) for _, b in candidates)
     offsets = [0, *itertools.accumulate(ks)]
     a_all = torch.cat([a for a, _ in candidates], dim=1)  # n x sum(k_c)
     b_all = torch.cat([b for _, b in candidates], dim=0)  # sum(k_c) x d
-    b_all_t = b_all.T.contiguous()
     a64 = a_all.to(torch.float64)
-    base = 0.0
     if z is None:
-        proj = (m @ b_all_t).to(torch.float64)  # n x sum(k_c): one pass over M
-        if include_base:
-            base = float(torch.dot(m.reshape(-1), m.reshape(-1)))
-        b64 = b_all.to(torch.float64)
-        gram = (a64.T @ a64) * (b64 @ b64.T)  # the diagonal blocks are the candidates' last terms
-        quads = [float(gram[o : o + k, o : o + k].sum()) for o, k in zip(offsets, ks, strict=False)]
+        base, proj, quads = _unweighted_terms(m, a64, b_all, ks, offsets, include_base)
     else:
-        ki, li, weight, owner = _pair_index(ks, a_all.device)
-        pairs_t = (b_all[ki] * b_all[li]).T.contiguous()  # d x (pairs of every candidate)
-        zc = z.to(dtype)
-        proj32 = torch.empty(n, b_all_t.shape[1], dtype=dtype, device=m.device)
-        pair32 = torch.empty(n, pairs_t.shape[1], dtype=dtype, device=m.device)
-        step = n if m.is_cuda else max(1, min(n, BLOCK_BYTES // max(1, d * m.element_size())))
-        wbuf = torch.empty(step, d, dtype=dtype, device=m.device)
-        base_t = torch.zeros((), dtype=torch.float64, device=m.device)
-        for i0 in range(0, n, step):
-            mb, zb = m[i0 : i0 + step], zc[i0 : i0 + step]
-            wb = torch.mul(mb, zb, out=wbuf[: mb.shape[0]])
-            torch.matmul(wb, b_all_t, out=proj32[i0 : i0 + step])
-            torch.matmul(zb, pairs_t, out=pair32[i0 : i0 + step])
-            if include_base:
-                base_t += torch.dot(wb.reshape(-1), mb.reshape(-1)).to(torch.float64)
-        base = float(base_t)
-        proj = proj32.to(torch.float64)
-        per_pair = (a64[:, ki] * a64[:, li] * pair32.to(torch.float64)).sum(dim=0) * weight
-        quad_t = torch.zeros(len(ks), dtype=torch.float64, device=m.device).index_add_(0, owner, per_pair)
-        quads = quad_t.tolist()
+        base, proj, quads = _weighted_terms(m, z.to(dtype), a64, b_all, ks, include_base, block_bytes)
     per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
+
+
+def _unweighted_terms(
+    m: torch.Tensor, a64: torch.Tensor, b_all: torch.Tensor, ks: tuple[int, ...], offsets: list[int], include_base: bool
+) -> tuple[float, torch.Tensor, list[float]]:
+    """``Z = ones``: ``sum M^2``, ``M B^T`` (float64) and each candidate's ``sum((A^T A) * (B B^T))``."""
+    proj = (m @ b_all.T.contiguous()).to(torch.float64)  # n x sum(k_c): one pass over M
+    base = float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0
+    b64 = b_all.to(torch.float64)
+    gram = (a64.T @ a64) * (b64 @ b64.T)  # the diagonal blocks are the candidates' last terms
+    quads = [float(gram[o : o + k, o : o + k].sum()) for o, k in zip(offsets, ks, strict=False)]
+    return base, proj, quads
+
+
+def _weighted_terms(
+    m: torch.Tensor,
+    zc: torch.Tensor,
+    a64: torch.Tensor,
+    b_all: torch.Tensor,
+    ks: tuple[int, ...],
+    include_base: bool,
+    block_bytes: int,
+) -> tuple[float, torch.Tensor, list[float]]:
+    """``sum Z M^2``, ``(Z M) B^T`` (float64) and each candidate's last term, reading ``M`` and ``Z`` once."""
+    n, d = m.shape
+    dtype = m.dtype
+    b_all_t = b_all.T.contiguous()
+    ki, li, weight, owner = _pair_index(ks, a64.device)
+    pairs_t = (b_all[ki] * b_all[li]).T.contiguous()  # d x (pairs of every candidate)
+    proj32 = torch.empty(n, b_all_t.shape[1], dtype=dtype, device=m.device)
+    pair32 = torch.empty(n, pairs_t.shape[1], dtype=dtype, device=m.device)
+    step = n if m.is_cuda else max(1, min(n, block_bytes // max(1, d * m.element_size())))
+    wbuf = torch.empty(step, d, dtype=dtype, device=m.device)
+    base_t = torch.zeros((), dtype=torch.float64, device=m.device)
+    for i0 in range(0, n, step):
+        mb, zb = m[i0 : i0 + step], zc[i0 : i0 + step]
+        wb = torch.mul(mb, zb, out=wbuf[: mb.shape[0]])
+        torch.matmul(wb, b_all_t, out=proj32[i0 : i0 + step])
+        torch.matmul(zb, pairs_t, out=pair32[i0 : i0 + step])
+        if include_base:
+            base_t += torch.dot(wb.reshape(-1), mb.reshape(-1)).to(torch.float64)
+    per_pair = (a64[:, ki] * a64[:, li] * pair32.to(torch.float64)).sum(dim=0) * weight
+    quad_t = torch.zeros(len(ks), dtype=torch.float64, device=m.device).index_add_(0, owner, per_pair)
+    return float(base_t), proj32.to(torch.float64), quad_t.tolist()
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,15 +184,27 @@ def _pair_index(
 
 
 class SparseLowRank(Compressor):
-    """Relaxed-rank SVD factors sparsified jointly by a score (OSD, MagTruncSVD)."""
+    """Relaxed-rank SVD factors sparsified jointly by a score (the engine of OSD and MagTruncSVD).
+
+    A method supplies :meth:`scores` (the first pass) and, to support
+    ``second_pass``, :meth:`second_pass_scores`.
+    """
 
     supports_global: ClassVar[bool] = True
     #: Whether to try c = 0..relax and keep the least weighted error.
     adaptive_c: ClassVar[bool] = False
 
     @abstractmethod
-    def scores(self, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None) -> Factors:
         """Score every entry of ``a`` and ``b`` (higher = keep first)."""
+
+    def second_pass_scores(self, a_kept: torch.Tensor, b: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        """Scores of ``b``'s entries once ``a`` is masked to its kept entries, or ``None`` for no second pass.
+
+        Called only with ``second_pass=True`` and an importance map; the
+        engine then re-selects ``B`` in the bytes ``A`` left.
+        """
+        return None
 
     def _svd(self, item: MatrixItem, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -215,21 +212,16 @@ class SparseLowRank(Compressor):
             item.mat, k, mode=cfg.svd, oversample=cfg.oversample, niter=cfg.niter, generator=item_generator(cfg, item)
         )
 
-    def _sparse(
-        self,
-        item: MatrixItem,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        budget: int,
-        scored: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def _sparse(self, item: MatrixItem, a: torch.Tensor, b: torch.Tensor, room: int, scored: Factors) -> Positions:
+        """Kept positions of ``a`` and ``b`` within ``room`` bytes of positions and values."""
         vb = self.config.value_bytes
-        s_a, s_b = scored if scored is not None else self.scores(a, b, item.importance)
-        pos_a, pos_b = select([s_a, s_b], vb, budget)
+        s_a, s_b = scored
+        pos_a, pos_b = select([s_a, s_b], vb, room)
         if self.config.second_pass and item.importance is not None:
-            spent_a = selection_bytes([pos_a.size], [a.numel()], vb)
-            _, s_b2 = damage_scores(_masked(a, pos_a), b, item.importance, self.config.damage)
-            (pos_b,) = select([s_b2], vb, budget - spent_a)
+            s_b2 = self.second_pass_scores(masked(a, pos_a), b, item.importance)
+            if s_b2 is not None:
+                spent_a = sizes.selection_bytes([pos_a.size], [a.numel()], vb)
+                (pos_b,) = select([s_b2], vb, room - spent_a)
         return pos_a, pos_b
 
     def _relax_values(self) -> list[int]:
@@ -237,6 +229,26 @@ class SparseLowRank(Compressor):
         if self.adaptive_c and cfg.adaptive:
             return list(range(0, cfg.relax + 1))
         return [cfg.relax]
+
+    def _candidates(
+        self, item: MatrixItem, budget: int, cs: list[int], a_max: torch.Tensor, b_max: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, Positions | None]]:
+        """``(A, B, kept positions or None for dense factors)`` of every relaxation in ``cs``."""
+        k_max = int(a_max.shape[1])
+        with timing.phase("scores"):
+            scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
+        chosen: list[tuple[torch.Tensor, torch.Tensor, Positions | None]] = []
+        with timing.phase("select"):
+            for c in cs:
+                k = min(self.config.rank + c, k_max)
+                a, b = a_max[:, :k].contiguous(), b_max[:k]
+                if c == 0:
+                    chosen.append((a, b, None))
+                else:
+                    assert scored is not None
+                    sub = (scored[0][:, :k], scored[1][:k])
+                    chosen.append((a, b, self._sparse(item, a, b, sizes.factor_room(budget), sub)))
+        return chosen
 
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
         """Compress one matrix; with adaptive c keep the candidate of least weighted error.
@@ -248,28 +260,21 @@ class SparseLowRank(Compressor):
         """
         r = self.config.rank
         cs = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
-        u, s, vh = self._svd(item, r + max(cs))
-        k_max = min(r + max(cs), int(s.numel()))
-        a_max, b_max = split_factors(u, s, vh, k_max)
-        scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
-        # (A, B, kept positions or None for dense factors) per candidate; only the winner is encoded
-        chosen: list[tuple[torch.Tensor, torch.Tensor, Positions | None]] = []
-        for c in cs:
-            k = min(r + c, k_max)
-            a, b = a_max[:, :k].contiguous(), b_max[:k]
-            if c == 0:
-                chosen.append((a, b, None))
-            else:
-                assert scored is not None
-                sub = (scored[0][:, :k], scored[1][:k])
-                chosen.append((a, b, self._sparse(item, a, b, budget - LOWRANK_OVERHEAD, sub)))
+        with timing.phase("svd"):
+            u, s, vh = self._svd(item, r + max(cs))
+            k_max = min(r + max(cs), int(s.numel()))
+            a_max, b_max = split_factors(u, s, vh, k_max)
+        # only the winner is encoded
+        chosen = self._candidates(item, budget, cs, a_max, b_max)
         best = 0
         if len(chosen) > 1:
-            approx = [(a, b) if pos is None else (_masked(a, pos[0]), _masked(b, pos[1])) for a, b, pos in chosen]
-            errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
-            best = min(range(len(errors)), key=errors.__getitem__)
+            with timing.phase("candidates"):
+                approx = [(a, b) if pos is None else (masked(a, pos[0]), masked(b, pos[1])) for a, b, pos in chosen]
+                errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
+                best = min(range(len(errors)), key=errors.__getitem__)
         a, b, pos = chosen[best]
-        return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
+        with timing.phase("record"):
+            return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
 
     def record_form(self, n: int, d: int) -> RecordForm:
         """Factors at rank ``r + relax`` at most (``r + max(relax, 1)`` with a global budget), sparse or whole."""
@@ -292,19 +297,7 @@ class SparseLowRank(Compressor):
             s_a, s_b = self.scores(a, b, item.importance)
             factors.append((item, a, b))
             scores += [s_a, s_b]
-        positions = select(scores, self.config.value_bytes, budget - LOWRANK_OVERHEAD * len(items))
+        positions = select(scores, self.config.value_bytes, sizes.factor_room(budget, len(items)))
         return [
             lowrank_record(item, a, b, positions[2 * i], positions[2 * i + 1]) for i, (item, a, b) in enumerate(factors)
         ]
-
-
-@register
-class OSD(SparseLowRank):
-    """Optimal Singular Damage: importance-weighted damage scores, adaptive relaxation."""
-
-    name = "osd"
-    adaptive_c = True
-
-    def scores(self, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """OSD damage scores (:func:`damage_scores`, ``config.damage``)."""
-        return damage_scores(a, b, z, self.config.damage)
