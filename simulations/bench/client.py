@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from osd_fl import compress, methods_with
+from osd_fl.sizes import value_bytes
 from simulations.bench.harness import (
     GB,
     MB,
@@ -51,6 +52,8 @@ CLIENT_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Bytes of one float32 value.
+FLOAT32 = value_bytes("float32")
 USES_IMPORTANCE = {label for label, opts in CLIENT_METHODS.items() if opts["method"] in methods_with("uses_importance")}
 
 
@@ -134,7 +137,7 @@ def _bandwidth_probe(device: torch.device, n: int, d: int, reps: int = 5) -> dic
 
     return {
         "shape": f"{n}x{d}",
-        "bytes": n * d * 4,
+        "bytes": n * d * FLOAT32,
         "read_s": med(m.sum),
         "rw_s": med(partial(m.mul_, 1.0)),
         "gemm14_s": med(partial(torch.matmul, m, omega)),
@@ -231,7 +234,8 @@ def client_model(args: argparse.Namespace, name: str, methods: list[str]) -> Non
     base = statistics.median(res["methods"]["truncsvd"]["times"])
     print(
         f"\n## {MODEL_LABELS[name]}{' (2 layers, quick)' if args.quick else ''}: {res['tensors']} tensors "
-        f"({res['matrices']} matrices), {res['numel'] / 1e6:.1f} M values = {res['numel'] * 4 / MB:,.0f} MB float32"
+        f"({res['matrices']} matrices), {res['numel'] / 1e6:.1f} M values = "
+        f"{res['numel'] * FLOAT32 / MB:,.0f} MB float32"
     )
     print(
         f"importance Z = |G| (4 batches of 16 x 64 tokens, forward + backward): "
@@ -274,7 +278,7 @@ def client_llama(args: argparse.Namespace, methods: list[str]) -> None:
     shape_note = "2 layers, sides / 4 (quick)" if args.quick else "32 layers"
     print(
         f"\n## LLaMA-7B-shaped update, streamed matrix by matrix ({shape_note}): {res['matrices']} matrices, "
-        f"{res['numel'] / 1e9:.2f} G values = {res['numel'] * 4 / GB:.1f} GB float32 (never all in memory)"
+        f"{res['numel'] / 1e9:.2f} G values = {res['numel'] * FLOAT32 / GB:.1f} GB float32 (never all in memory)"
     )
     print(
         f"synthetic generation of dW and Z (excluded below): {res['generate_s']:.1f} s; "

@@ -15,7 +15,7 @@ from flwr.common.serde import message_to_proto
 from osd_fl import CompressionConfig, Kind, compress, decode, decompress, encode, payload_budget
 from osd_fl.positions import index_width
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload
-from osd_fl.sizes import paper_bits, record_body_bytes
+from osd_fl.sizes import paper_bits, record_body_bytes, total_dense_bytes
 from simulations.bench.harness import MB, header, load1, print_table, repeat, wait_quiet
 from simulations.bench.workloads import (
     MODEL_LABELS,
@@ -108,7 +108,7 @@ def codec_model(
     shapes = model_shapes(model, args.quick)
     update = synthetic_update(shapes, seed=0)
     imp = synthetic_importance(shapes, 0)
-    dense_bytes = sum(math.prod(s) * 4 for s in shapes.values())
+    dense_bytes = total_dense_bytes(shapes)
     specs = {k: (s, torch.float32) for k, s in shapes.items()}
     for rank in ranks:
         for label, opts, vbits in variants:

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.strategy import FedAvg
 
-from osd_fl import CompressionConfig, decode, iter_tensors
+from osd_fl import CompressionConfig, decode, iter_tensors, total_dense_bytes
 from osd_fl.records import (
     PAYLOAD_RECORD_KEY,
     record_to_payload,
@@ -51,7 +51,7 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
     shapes = model_shapes(spec["model"], quick)
     g = torch.Generator().manual_seed(0)
     global_model = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
-    model_bytes = sum(t.numel() * 4 for t in global_model.values())
+    model_bytes = total_dense_bytes(shapes)
     distinct = min(n_clients, spec["distinct"])
     config = CompressionConfig(method=spec["method"], rank=rank)
     mode = spec["mode"]
