@@ -238,12 +238,18 @@ def _route_tensors(
     routes: Mapping[str, Route],
     importance: Mapping[str, torch.Tensor] | None,
 ) -> tuple[dict[str, TensorRecord], list[MatrixItem]]:
-    """Records of the skipped and dense tensors, and the matrices left to compress."""
+    """Records of the skipped, unchanged and dense tensors, and the matrices left to compress.
+
+    A tensor whose (corrected) update is exactly zero, such as a frozen
+    layer's, travels as a ZERO record whatever its route: it costs its name
+    and shape, not its values.
+    """
     records: dict[str, TensorRecord] = {}
     items: list[MatrixItem] = []
     for name, t in tensors.items():
         dtype = TORCH_NAMES[update[name].dtype]
-        if routes[name] == Route.SKIP:
+        if routes[name] == Route.SKIP or not bool(t.any()):
+            # skipped by policy, or unchanged (a frozen layer): a ZERO record, a few bytes
             records[name] = TensorRecord(name=name, shape=shapes[name], dtype=dtype, kind=Kind.ZERO)
         elif routes[name] == Route.DENSE:
             records[name] = dense_record(name, t, dtype)
