@@ -14,15 +14,22 @@ Z, and strips them before the reply leaves the client::
                           reference=global_state, optimizer=optimizer)
         return Message(content=content, reply_to=msg)
 
+``loss_fn`` may be ``loss_fn(model, batch)``, a criterion such as
+``nn.CrossEntropyLoss()`` (applied to the model's output and the batch's
+labels), or ``None`` for a Hugging Face model's own loss
+(:func:`osd_fl.importance.as_loss_fn`).
+
 The form (``grad``, ``taylor``, ``fisher``, ``adam``, ``ones``) and the
 number of batches come from the server's ``osd.importance`` and
 ``osd.importance-batches`` settings. Nothing is computed (and nothing
-attached) when the server did not ask for compression, when the form is
-``ones``, or when the method uses no importance.
+attached) when the server did not ask for compression, when the method uses
+no importance, or when the form is ``ones`` (the default): then a
+``UserWarning`` (once per call site) says how to switch the maps on.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +39,7 @@ from torch import nn
 
 from clients.mod import read_compression_config
 from osd_fl import CompressionConfig, compute_importance, methods_with
-from osd_fl.importance import LossFn
+from osd_fl.importance import LossSpec
 from osd_fl.records import IMPORTANCE_RECORD_KEY, tensors_to_record
 
 __all__ = ["attach_importance"]
@@ -43,7 +50,7 @@ def attach_importance(
     msg: Message | CompressionConfig,
     model: nn.Module,
     loader: Iterable[Any],
-    loss_fn: LossFn,
+    loss_fn: LossSpec = None,
     *,
     reference: Mapping[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -66,7 +73,9 @@ def attach_importance(
         Local validation batches (not the training batches: Z should measure
         how the *held-out* loss reacts to each weight).
     loss_fn
-        ``loss_fn(model, batch) -> scalar loss``.
+        ``loss_fn(model, batch) -> scalar loss``, a criterion module such as
+        ``nn.CrossEntropyLoss()``, or ``None`` (default) for the model's own
+        loss (a Hugging Face model with ``labels`` in the batch).
     reference
         Weights before local training; needed by the ``taylor`` form.
     optimizer
@@ -82,7 +91,16 @@ def attach_importance(
         The maps attached, or ``None`` if nothing was computed.
     """
     cfg = msg if isinstance(msg, CompressionConfig) else read_compression_config(msg, defaults)
-    if cfg is None or cfg.method not in methods_with("uses_importance") or cfg.importance == "ones":
+    if cfg is None or cfg.method not in methods_with("uses_importance"):
+        return None
+    if cfg.importance == "ones":
+        warnings.warn(
+            "attach_importance: the server's importance form is 'ones' (the default), so no maps are computed "
+            "and OSD weighs every entry alike; to use validation gradients set it on the server, e.g. "
+            "OSDStrategy(..., config=CompressionConfig(importance='grad')) or run_config osd.importance='grad'",
+            UserWarning,
+            stacklevel=2,
+        )
         return None
     maps = compute_importance(
         model,

@@ -15,6 +15,12 @@ and turns it into a non-negative map per weight matrix:
 * ``ones``   ``Z = 1``: data-free (returns an empty mapping, which
   :func:`osd_fl.compress` reads as ones).
 
+The loss can be given three ways (:func:`as_loss_fn`): ``loss_fn(model,
+batch) -> loss``; a standard criterion such as ``nn.CrossEntropyLoss()``,
+applied to the model's output and the batch's labels; or ``None``, the
+model's own loss (a Hugging Face model returns ``.loss`` when the batch has
+``labels``).
+
 Memory: one buffer per matrix (the ``.grad`` it already has; ``fisher`` adds
 one). Existing ``.grad`` of the selected parameters is overwritten.
 """
@@ -31,11 +37,89 @@ from torch import nn
 from osd_fl.config import ImportanceForm
 from osd_fl.errors import ConfigError
 
-__all__ = ["IMPORTANCE_FORMS", "compute_importance", "default_names"]
+__all__ = ["IMPORTANCE_FORMS", "LossFn", "LossSpec", "as_loss_fn", "compute_importance", "default_names"]
 
 IMPORTANCE_FORMS: tuple[str, ...] = ("grad", "taylor", "fisher", "ones", "adam")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: What a caller may pass as the loss: ``loss_fn(model, batch)``, a criterion module, or ``None``.
+LossSpec = LossFn | nn.Module | None
+
+#: Keys a mapping batch may keep its labels under.
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a ``(inputs, labels)`` pair or a mapping with a label key."""
+    if isinstance(batch, Mapping):
+        key = next((k for k in _LABEL_KEYS if k in batch), None)
+        if key is None:
+            raise ConfigError(
+                f"importance: a batch mapping needs its labels under one of {_LABEL_KEYS} to apply a criterion "
+                f"(keys: {sorted(batch)}); or pass loss_fn(model, batch)"
+            )
+        return {k: v for k, v in batch.items() if k != key}, batch[key]
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"importance: cannot find inputs and labels in a batch of type {type(batch).__name__}; "
+        "use (inputs, labels) pairs or a mapping with 'labels', or pass loss_fn(model, batch)"
+    )
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The tensor a criterion compares with the labels: the output itself or its ``.logits``."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(f"importance: the model returned {type(output).__name__}, not a tensor or .logits")
+    return logits
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def as_loss_fn(loss: LossSpec) -> LossFn:
+    """Turn any accepted form of the loss into ``loss_fn(model, batch) -> scalar``.
+
+    Parameters
+    ----------
+    loss
+        ``loss_fn(model, batch)`` (returned as is); a criterion module such as
+        ``nn.CrossEntropyLoss()``, called as ``criterion(model output or its
+        .logits, labels)`` with the labels from an ``(inputs, labels)`` pair
+        or a mapping's ``labels`` key; or ``None``: the model's own loss,
+        ``model(**batch).loss`` (Hugging Face models with ``labels`` in the
+        batch).
+
+    Returns
+    -------
+    callable
+        ``loss_fn(model, batch) -> scalar loss``.
+    """
+    if loss is None:
+
+        def own_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+            output = _forward(model, batch)
+            value = getattr(output, "loss", None)
+            if not isinstance(value, torch.Tensor):
+                raise ConfigError(
+                    "importance: loss_fn=None uses the model's own loss, but its output has no .loss "
+                    "(put 'labels' in the batch of a Hugging Face model, or pass a criterion or loss_fn)"
+                )
+            return value
+
+        return own_loss
+    if isinstance(loss, nn.Module):
+        criterion = loss
+
+        def criterion_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+            inputs, labels = _split_batch(batch)
+            result: torch.Tensor = criterion(_logits(_forward(model, inputs)), labels)
+            return result
+
+        return criterion_loss
+    return loss
 
 
 def default_names(model: nn.Module) -> list[str]:
@@ -46,7 +130,7 @@ def default_names(model: nn.Module) -> list[str]:
 def compute_importance(
     model: nn.Module,
     loader: Iterable[Any],
-    loss_fn: LossFn,
+    loss_fn: LossSpec,
     *,
     form: ImportanceForm | str = "grad",
     num_batches: int = 4,
@@ -63,7 +147,9 @@ def compute_importance(
     loader
         Local *validation* batches; the first ``num_batches`` are used.
     loss_fn
-        ``loss_fn(model, batch) -> scalar loss``.
+        ``loss_fn(model, batch) -> scalar loss``, a criterion such as
+        ``nn.CrossEntropyLoss()``, or ``None`` for the model's own loss
+        (:func:`as_loss_fn`).
     form
         ``grad``, ``taylor``, ``fisher``, ``adam`` or ``ones`` (see module doc).
     num_batches
@@ -104,7 +190,7 @@ def compute_importance(
         params[n].requires_grad_(True)
         params[n].grad = None
     try:
-        fisher, batches = _backward_batches(model, loader, loss_fn, params, selected, form, num_batches)
+        fisher, batches = _backward_batches(model, loader, as_loss_fn(loss_fn), params, selected, form, num_batches)
         return {n: _map(params[n], fisher.get(n), batches, form, reference, n) for n in selected}
     finally:
         for n in selected:
