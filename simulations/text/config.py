@@ -43,6 +43,22 @@ class TextTaskConfig(Settings):
 
     settings_name: ClassVar[str] = "text-task"
 
+    model_path: str = field(
+        default="",
+        metadata={
+            "help": "Local Hugging Face sequence-classification model folder ('' = the shipped MiniLM); "
+            "mode=cached and frozen_layers > 0 need a BERT-family model."
+        },
+    )
+    data_path: str = field(
+        default="",
+        metadata={
+            "help": "Local text-classification data: a CSV, JSON lines or parquet file, or a "
+            "datasets.save_to_disk folder ('' = the shipped Rotten Tomatoes snippets); labels from the data."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of data_path."})
+    label_column: str = field(default="label", metadata={"help": "Label column of data_path (any values)."})
     num_clients: int = field(
         default=8,
         metadata={"help": "Number of federated clients (partitions of the pool)."},
@@ -61,7 +77,7 @@ class TextTaskConfig(Settings):
     )
     max_examples: int = field(
         default=0,
-        metadata={"help": "Examples used, after a seeded shuffle (0 = all 12,752 labelled snippets)."},
+        metadata={"help": "Examples used, after a seeded shuffle (0 = all; Rotten Tomatoes has 12,752)."},
     )
     test_size: int = field(
         default=2000,

@@ -1,4 +1,4 @@
-"""The data: Rotten Tomatoes loading, the central test / federated pool split, partitioners, local splits."""
+"""The data: Rotten Tomatoes or a local dataset, the central test / federated pool split, partitioners, local splits."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import datasets
@@ -99,6 +100,112 @@ def load_rotten_tomatoes(max_examples: int | None = None, seed: int = 0) -> Data
         order = order[:max_examples]
     picked = frame.iloc[order].reset_index(drop=True)
     return Dataset.from_pandas(picked, features=_features(), preserve_index=False)
+
+
+#: File suffixes :func:`load_text_dataset` reads, and how.
+_READERS = {
+    ".csv": pd.read_csv,
+    ".tsv": functools.partial(pd.read_csv, sep="\t"),
+    ".jsonl": functools.partial(pd.read_json, lines=True),
+    ".json": functools.partial(pd.read_json, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+def _read_frame(path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The rows of a data file or a ``save_to_disk`` folder, and the names of its ClassLabel columns."""
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"data_path={str(path)!r}: not a datasets.save_to_disk folder ({exc})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise ConfigError(f"data_path={str(path)!r} holds splits {sorted(loaded)}; save one split or 'train'")
+            loaded = loaded["train"]
+        names = {k: f.names for k, f in loaded.features.items() if isinstance(f, ClassLabel)}
+        return cast(pd.DataFrame, loaded.to_pandas()), names
+    suffixes = [s for s in path.suffixes if s in _READERS]
+    if not path.is_file() or not suffixes:
+        raise ConfigError(
+            f"data_path={str(path)!r}: expected an existing {', '.join(sorted(_READERS))} file "
+            "(compressed .gz/.bz2 too) or a datasets.save_to_disk folder"
+        )
+    return _READERS[suffixes[-1]](path), {}
+
+
+def load_text_dataset(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Load a local text-classification dataset in the task's form (``idx``, ``text``, ``label``).
+
+    Rows without text or label are dropped and texts are stripped (no
+    de-duplication: the file is taken as the user made it); labels become
+    class indices in sorted order of their values (a ``ClassLabel`` column of
+    a saved dataset keeps its names); the rows are shuffled with ``seed`` as
+    :func:`load_rotten_tomatoes` does and the first ``max_examples`` kept.
+
+    Parameters
+    ----------
+    path
+        A CSV / TSV / JSON lines / parquet file or a ``datasets.save_to_disk`` folder.
+    text_column, label_column
+        The columns holding the text and the label.
+    max_examples
+        Keep this many rows after the shuffle (``None`` or 0: all).
+    seed
+        Seed of the shuffle.
+
+    Returns
+    -------
+    datasets.Dataset
+        ``idx`` (the row's position in the cleaned file), ``text``, ``label``
+        (a ``ClassLabel`` with as many classes as the data has).
+
+    Raises
+    ------
+    ConfigError
+        Naming what is missing: the file, a column (with the columns there
+        are), or a second class.
+    """
+    frame, class_names = _read_frame(Path(path))
+    missing = [c for c in (text_column, label_column) if c not in frame.columns]
+    if missing:
+        raise ConfigError(
+            f"data_path={str(path)!r} has no column {missing[0]!r} (columns: {list(frame.columns)}); "
+            "set text_column / label_column"
+        )
+    frame = frame[frame[text_column].notna() & frame[label_column].notna()]
+    texts = frame[text_column].astype(str).str.strip()
+    frame = frame[texts != ""].assign(**{text_column: texts[texts != ""]})
+    values = frame[label_column]
+    names = class_names.get(label_column)
+    if names is None:  # plain values: classes in sorted order
+        distinct = sorted(values.unique().tolist())
+        names = [str(v) for v in distinct]
+        labels = values.map({v: i for i, v in enumerate(distinct)}).astype("int64")
+    else:
+        labels = values.astype("int64")
+    if len(names) < 2:
+        raise ConfigError(
+            f"data_path={str(path)!r}: column {label_column!r} has {len(names)} class(es); need 2 or more"
+        )
+    clean = pd.DataFrame(
+        {
+            "idx": np.arange(len(frame), dtype=np.int64),
+            "text": frame[text_column].to_numpy(),
+            "label": labels.to_numpy(),
+        }
+    )
+    order = np.random.default_rng(seed).permutation(len(clean))
+    if max_examples:
+        order = order[:max_examples]
+    features = Features({"idx": Value("int64"), "text": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_pandas(clean.iloc[order].reset_index(drop=True), features=features, preserve_index=False)
 
 
 def split_test_pool(dataset: Dataset, test_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:

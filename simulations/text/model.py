@@ -51,7 +51,7 @@ def _quiet_transformers() -> Iterator[None]:
 def load_minilm(
     path: str | os.PathLike[str] | None = None, num_labels: int = 2, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the shipped MiniLM as a sequence classifier, with its tokenizer, offline.
+    """Load the shipped MiniLM (or the model folder ``path``) as a sequence classifier, with its tokenizer, offline.
 
     Parameters
     ----------
@@ -70,10 +70,15 @@ def load_minilm(
 
     """
     model_dir = Path(path) if path is not None else find_minilm_path()
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(
+            f"model_path={str(model_dir)!r} is not a local Hugging Face model folder (no config.json); "
+            "save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+        )
     with _quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=num_labels, local_files_only=True
+            model_dir, num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model.eval()
@@ -299,7 +304,9 @@ def freeze_lower(model: nn.Module, frozen_layers: int, freeze_embeddings: bool =
     Parameters
     ----------
     model
-        A ``BertForSequenceClassification``.
+        A ``BertForSequenceClassification`` (embeddings and lower layers), or
+        any Hugging Face classifier (its input embeddings only; ``frozen_layers``
+        must then be 0).
     frozen_layers
         Lower BertLayers to freeze.
     freeze_embeddings
@@ -311,6 +318,16 @@ def freeze_lower(model: nn.Module, frozen_layers: int, freeze_embeddings: bool =
         ``model`` itself.
 
     """
+    if not hasattr(model, "bert"):  # another architecture: its input embeddings, no layer freezing
+        if frozen_layers:
+            raise ConfigError(
+                f"frozen_layers={frozen_layers} needs a BERT-family model ({type(model).__name__} given); "
+                "set frozen_layers=0"
+            )
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        if get_embeddings is not None:
+            cast(nn.Module, get_embeddings()).requires_grad_(not freeze_embeddings)
+        return model
     _, embeddings, layers, _, _, _ = _bert_parts(model)
     if not 0 <= frozen_layers <= len(layers):
         raise ConfigError(f"frozen_layers={frozen_layers} must be in 0..{len(layers)}")

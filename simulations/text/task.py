@@ -29,6 +29,7 @@ from simulations.text.data import (
     client_split,
     column,
     load_rotten_tomatoes,
+    load_text_dataset,
     make_partitioner,
     quiet_datasets,
     split_test_pool,
@@ -96,8 +97,19 @@ class TextTask:
     def dataset(self) -> Dataset:
         """All examples in use (test and pool), shuffled by the seed."""
         if self._dataset is None:
-            self._dataset = load_rotten_tomatoes(self.config.max_examples or None, self.config.seed)
+            cfg = self.config
+            if cfg.data_path:
+                self._dataset = load_text_dataset(
+                    cfg.data_path, cfg.text_column, cfg.label_column, cfg.max_examples or None, cfg.seed
+                )
+            else:
+                self._dataset = load_rotten_tomatoes(cfg.max_examples or None, cfg.seed)
         return self._dataset
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of the data (the new classification head's outputs)."""
+        return int(self.dataset.features["label"].num_classes)
 
     def _split(self) -> tuple[Dataset, Dataset]:
         if self._data is None:
@@ -152,8 +164,9 @@ class TextTask:
 
     def base_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if self._base is None:
-            model, tokenizer = load_minilm(seed=self.config.seed)
-            n_layers = int(model.config.num_hidden_layers)
+            cfg = self.config
+            model, tokenizer = load_minilm(cfg.model_path or None, num_labels=self.num_labels, seed=cfg.seed)
+            n_layers = int(getattr(model.config, "num_hidden_layers", 0))
             if self.config.frozen_layers > n_layers:
                 raise ConfigError(f"frozen_layers={self.config.frozen_layers} must be in 0..{n_layers}")
             self._base = (model, tokenizer)
@@ -161,13 +174,17 @@ class TextTask:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The shipped tokenizer."""
+        """The model's tokenizer (the shipped MiniLM's unless ``model_path`` is set)."""
         return self.base_model()[1]
 
     def _template_model(self) -> nn.Module:
         if self._template is None:
             model, _ = self.base_model()
             if self.config.mode == "cached":
+                if not hasattr(model, "bert"):
+                    raise ConfigError(
+                        f"mode=cached needs a BERT-family model ({type(model).__name__} given); use mode=full"
+                    )
                 lower, upper = split_minilm(model, self.config.frozen_layers, self.config.cls_only)
                 self._lower = lower.to(self.device)
                 self._template = upper
