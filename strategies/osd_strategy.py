@@ -47,12 +47,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
-from osd_fl import CompressionConfig, ConfigError, payload_limit, resolve_config
+from osd_fl import CompressionConfig, ConfigError, Payload, payload_limit, resolve_config
 from osd_fl.records import (
     METRIC_ACCEPTED,
     METRIC_FAILED,
@@ -501,7 +502,7 @@ class OSDStrategy(Strategy):
         return node
 
     def _validate_round(
-        self, rnd: RoundInputs, replies: list[Message], counts: dict[str, int], acc: dict[str, Any]
+        self, rnd: RoundInputs, replies: list[Message], counts: dict[str, int], acc: dict[str, torch.Tensor]
     ) -> tuple[list[Valid], float]:
         """Check every reply; add the valid ones to ``acc`` unless a relative bound needs a second pass."""
         server_round = rnd.server_round
@@ -537,7 +538,7 @@ class OSDStrategy(Strategy):
             self._log.reject(server_round, node, "no reply before the timeout", failed=True, kind="no-reply")
         return kept, total_weight
 
-    def _check(self, rnd: RoundInputs, node: int, msg: Message, counts: dict[str, int]) -> tuple[Valid, Any] | None:
+    def _check(self, rnd: RoundInputs, node: int, msg: Message, counts: dict[str, int]) -> tuple[Valid, Payload] | None:
         """Validate one reply (:func:`strategies.replies.check_reply`) and the absolute bound; record a rejection."""
         cleaned, dropped = clean_reply(msg, self.weighted_by_key)
         counts[METRIC_METRICS_DROPPED] += dropped

@@ -110,6 +110,7 @@ def codec_model(
     imp = synthetic_importance(shapes, 0)
     dense_bytes = total_dense_bytes(shapes)
     specs = {k: (s, torch.float32) for k, s in shapes.items()}
+    zero = {k: torch.zeros(shape) for k, shape in shapes.items()}  # the global model the framing replies answer
     for rank in ranks:
         for label, opts, vbits in variants:
             z = imp if opts["method"] == "osd" else None
@@ -135,7 +136,6 @@ def codec_model(
             if label != "osd adaptive c":
                 continue
             # Flower framing: a train reply as clients.osd_mod builds it, as Flower serializes it
-            zero = {k: torch.zeros(shape) for k, shape in shapes.items()}
             reply = mod_replies(train_messages(zero, CompressionConfig(rank=rank), 1), shapes, 1)[0]
             reply_bytes = len(record_to_payload(reply.content[PAYLOAD_RECORD_KEY]))
             size = message_to_proto(reply).ByteSize()

@@ -222,9 +222,7 @@ def activation_cache_key(
         24 hex digits.
 
     """
-    if model_path is None:
-        model_path = Path(config.model_path) if config.model_path else find_minilm_path()
-    model_dir = model_path
+    model_dir = model_path or (Path(config.model_path) if config.model_path else find_minilm_path())
     id_bytes = np.sort(np.asarray(ids, dtype=np.int64)).tobytes()
     payload = {
         "version": _CACHE_FORMAT_VERSION,
@@ -268,6 +266,8 @@ def load_or_build_activation_cache(
     lower: LowerMiniLM,
     tokenizer: PreTrainedTokenizerBase,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    cold: bool = False,
 ) -> ActivationCache:
     """Return the activations of ``dataset``, from ``config.cache_dir`` when there, else built (and saved).
 
@@ -287,6 +287,9 @@ def load_or_build_activation_cache(
         The model's tokenizer.
     progress
         Passed to :func:`build_activation_cache`.
+    cold
+        Build even when the file exists; the file is then neither read nor
+        written (what a cold start costs).
 
     Returns
     -------
@@ -295,7 +298,7 @@ def load_or_build_activation_cache(
 
     """
     ids = column(dataset, "idx").astype(np.int64)
-    file = activation_cache_file(config, ids)
+    file = None if cold else activation_cache_file(config, ids)
     if file is not None and file.is_file():
         try:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)

