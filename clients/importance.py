@@ -56,6 +56,7 @@ def attach_importance(
     optimizer: torch.optim.Optimizer | None = None,
     names: Iterable[str] | None = None,
     defaults: CompressionConfig | None = None,
+    warn_unused: bool = True,
 ) -> dict[str, torch.Tensor] | None:
     """Compute importance maps for the OSD mod and add them to a train reply.
 
@@ -84,6 +85,9 @@ def attach_importance(
         Parameters to score (default: every trainable matrix).
     defaults
         Client-side settings under the server's (as given to ``make_osd_mod``).
+    warn_unused
+        Warn when the form is ``ones`` (maps attached but not used); ``False``
+        for an app that runs ``ones`` on purpose, e.g. a sweep comparing forms.
 
     Returns
     -------
@@ -94,6 +98,8 @@ def attach_importance(
     if cfg is None or cfg.method not in methods_with("uses_importance"):
         return None
     if cfg.importance == "ones":
+        if not warn_unused:
+            return None
         warnings.warn(
             "attach_importance: the server's importance form is 'ones' (the default), so no maps are computed "
             "and OSD weighs every entry alike; to use validation gradients set it on the server, e.g. "

@@ -142,12 +142,18 @@ class CompressionConfig(Settings):
         metadata={"help": "Client side: keep the residual e <- dW + e - dW_hat and add it to the next update."},
     )
     min_numel: int = field(
-        default=4096,
-        metadata={"help": "Matrices with fewer entries than this travel dense (so do all 1-D tensors)."},
+        default=0,
+        metadata={
+            "help": "Matrices with fewer entries than this travel dense (so do all 1-D tensors); 0 = compress "
+            "every matrix (and 4-D kernel, as out x rest) whose rank-r budget is below its dense size."
+        },
     )
     embedding_policy: EmbeddingPolicy = field(
-        default="dense",
-        metadata={"help": "Tensors whose name matches embedding_pattern: compress, dense, or skip (send no update)."},
+        default="compress",
+        metadata={
+            "help": "Tensors whose name matches embedding_pattern: compress (as any matrix: OSD keeps only the "
+            "rows that changed), dense, or skip (send no update)."
+        },
     )
     embedding_pattern: str = field(
         default="embeddings.word_embeddings",

@@ -86,7 +86,9 @@ def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
                     "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
                 }
             )
-            attach_importance(content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer)
+            attach_importance(
+                content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer, warn_unused=False
+            )
         return Message(content=content, reply_to=msg)
 
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -171,7 +173,17 @@ def test_policy_routes_embeddings_and_small_tensors() -> None:
     }
     from osd_fl import describe
 
-    kinds = {k: v["kind"] for k, v in describe(compress(upd, rank=1, min_numel=100))["tensors"].items()}
+    # the defaults: every matrix whose rank-1 budget is below its dense size is compressed, embeddings too
+    kinds = {k: v["kind"] for k, v in describe(compress(upd, rank=1))["tensors"].items()}
+    assert kinds == {
+        "bert.embeddings.word_embeddings.weight": "lowrank",
+        "layer.weight": "lowrank",
+        "tiny.weight": "lowrank",
+    }
+    # at rank 4 the 8 x 8 matrix's budget (64 values) is its dense size: dense is cheaper and exact
+    assert describe(compress(upd, rank=4))["tensors"]["tiny.weight"]["kind"] == "dense"
+    opts: dict[str, Any] = {"min_numel": 100, "embedding_policy": "dense"}
+    kinds = {k: v["kind"] for k, v in describe(compress(upd, rank=1, **opts))["tensors"].items()}
     assert kinds == {
         "bert.embeddings.word_embeddings.weight": "dense",
         "layer.weight": "lowrank",

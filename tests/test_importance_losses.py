@@ -107,3 +107,5 @@ def test_attach_importance_warns_when_the_server_form_makes_it_a_no_op() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a method without importance: nothing to say
         assert attach_importance(RecordDict(), CompressionConfig(method="truncsvd"), model, batches) is None
+        # an app running 'ones' on purpose (a sweep comparing forms) turns the warning off
+        assert attach_importance(RecordDict(), CompressionConfig(), model, batches, warn_unused=False) is None

@@ -44,9 +44,7 @@ from tests.test_faults_strategy import CFG, GLOBAL, SHAPES, blob, configure, cou
 # --- building hostile payloads by hand ------------------------------------------------------------
 
 
-def _lowrank(
-    name: str, shape: tuple[int, ...], rank: int, spike: float = 0.0, dtype: str = "float32"
-) -> TensorRecord:
+def _lowrank(name: str, shape: tuple[int, ...], rank: int, spike: float = 0.0, dtype: str = "float32") -> TensorRecord:
     """Rank-``rank`` sparse factors; with ``spike`` one entry of each factor is ``spike`` (product spike**2)."""
     n = shape[0]
     d = int(np.prod(shape[1:])) if len(shape) > 1 else 1
