@@ -19,7 +19,7 @@ Z, and strips them before the reply leaves the client::
 labels), or ``None`` for a Hugging Face model's own loss
 (:func:`osd_fl.importance.as_loss_fn`).
 
-The form (``grad``, ``taylor``, ``fisher``, ``adam``, ``ones``) and the
+The form (``grad``, ``taylor``, ``fisher``, ``obd``, ``adam``, ``ones``) and the
 number of batches come from the server's ``osd.importance`` and
 ``osd.importance-batches`` settings. Nothing is computed (and nothing
 attached) when the server did not ask for compression, when the method uses

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 ValueDType = Literal["float32", "float16"]
-ImportanceForm = Literal["grad", "taylor", "fisher", "ones", "adam"]
+ImportanceForm = Literal["grad", "taylor", "fisher", "obd", "ones", "adam"]
 BudgetMode = Literal["matrix", "global"]
 EmbeddingPolicy = Literal["compress", "dense", "skip"]
 SVDMode = Literal["auto", "exact", "randomized"]
@@ -130,7 +130,7 @@ class CompressionConfig(Settings):
         default="ones",
         metadata={
             "help": "Client side: importance map Z (ones = data-free, the measured default; grad, taylor, "
-            "fisher from local validation gradients; adam from the optimizer state). See docs/results.md."
+            "fisher, obd from local validation gradients; adam from the optimizer state). See docs/results.md."
         },
     )
     importance_batches: int = field(

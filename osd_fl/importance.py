@@ -10,6 +10,13 @@ and turns it into a non-negative map per weight matrix:
 * ``taylor`` ``Z = |G * dW|``: first-order Taylor importance of each update
   entry (needs ``reference``, the weights before local training).
 * ``fisher`` ``Z = mean g^2``: empirical Fisher diagonal (per-batch squares).
+* ``obd``    ``Z = mean_i g_i^2`` over single validation *examples*: the
+  per-example empirical Fisher diagonal, the diagonal Hessian estimate of
+  Optimal Brain Damage. With OSD's ``l2`` damage, ``sum Z (dW - dW_hat)^2``
+  is then OBD's second-order estimate of the validation-loss increase of
+  the compression error. Per-batch squares (``fisher``) square batch means,
+  in which the examples' gradients largely cancel; ``obd`` does not, at one
+  forward and backward per example (``importance_batches`` x batch size).
 * ``adam``   ``Z = exp_avg_sq`` of the local Adam/AdamW optimizer: a Fisher
   estimate of *training* gradients at no extra forward/backward pass.
 * ``ones``   ``Z = 1``: data-free (returns an empty mapping, which
@@ -39,7 +46,7 @@ from osd_fl.errors import ConfigError
 
 __all__ = ["IMPORTANCE_FORMS", "LossFn", "LossSpec", "as_loss_fn", "compute_importance", "default_names"]
 
-IMPORTANCE_FORMS: tuple[str, ...] = ("grad", "taylor", "fisher", "ones", "adam")
+IMPORTANCE_FORMS: tuple[str, ...] = ("grad", "taylor", "fisher", "obd", "ones", "adam")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 #: What a caller may pass as the loss: ``loss_fn(model, batch)``, a criterion module, or ``None``.
@@ -151,7 +158,7 @@ def compute_importance(
         ``nn.CrossEntropyLoss()``, or ``None`` for the model's own loss
         (:func:`as_loss_fn`).
     form
-        ``grad``, ``taylor``, ``fisher``, ``adam`` or ``ones`` (see module doc).
+        ``grad``, ``taylor``, ``fisher``, ``obd``, ``adam`` or ``ones`` (see module doc).
     num_batches
         Batches averaged; 4 is usually enough, more costs one forward and
         backward each.
@@ -208,27 +215,51 @@ def _backward_batches(
     form: str,
     num_batches: int,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Backward the loss of up to ``num_batches`` batches: gradients summed in ``.grad``, or (fisher) squares summed.
+    """Backward the loss of up to ``num_batches`` batches: gradients summed in ``.grad``, or squares summed.
 
-    Returns the per-batch squared gradients' sums (fisher only) and the number of batches.
+    ``fisher`` sums squared batch gradients, ``obd`` squared per-example gradients. Returns those
+    sums (empty for the other forms) and the number of backward passes (batches or examples).
     """
     fisher: dict[str, torch.Tensor] = {}
     batches = 0
     with torch.enable_grad():
         for batch in islice(loader, num_batches):
-            loss = loss_fn(model, batch)
-            torch.autograd.backward(loss)
-            batches += 1
-            if form == "fisher":
-                for n in selected:
-                    g = params[n].grad
-                    if g is not None:
-                        sq = g.detach().to(torch.float32).square()
-                        fisher[n] = fisher[n].add_(sq) if n in fisher else sq
-                        params[n].grad = None
+            for part in _examples(batch) if form == "obd" else (batch,):
+                loss = loss_fn(model, part)
+                torch.autograd.backward(loss)
+                batches += 1
+                if form in ("fisher", "obd"):
+                    for n in selected:
+                        g = params[n].grad
+                        if g is not None:
+                            sq = g.detach().to(torch.float32).square()
+                            fisher[n] = fisher[n].add_(sq) if n in fisher else sq
+                            params[n].grad = None
     if batches == 0:
         raise ConfigError("importance: the validation loader yielded no batch")
     return fisher, batches
+
+
+def _examples(batch: Any) -> list[Any]:
+    """The single-example batches of a mapping or tuple of tensors (leading dimension = examples)."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    sizes = {int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.ndim > 0}
+    if len(sizes) != 1:
+        raise ConfigError(
+            "importance form 'obd' splits batches into examples: every tensor of a batch needs the same "
+            f"leading size (found {sorted(sizes)})"
+        )
+    (n,) = sizes
+
+    def pick(v: Any, i: int) -> Any:
+        return v[i : i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+
+    if isinstance(batch, Mapping):
+        return [{k: pick(v, i) for k, v in batch.items()} for i in range(n)]
+    return [
+        type(batch)(pick(v, i) for v in batch) if isinstance(batch, tuple) else [pick(v, i) for v in batch]
+        for i in range(n)
+    ]
 
 
 def _map(
@@ -240,7 +271,7 @@ def _map(
     name: str,
 ) -> torch.Tensor:
     """Z of one parameter from its summed gradient (``p.grad``) or summed squared gradients (fisher)."""
-    if form == "fisher":
+    if form in ("fisher", "obd"):
         return (fisher_sum if fisher_sum is not None else torch.zeros_like(p, dtype=torch.float32)) / batches
     g = p.grad.detach().to(torch.float32) / batches if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
     if form == "taylor":

@@ -63,6 +63,7 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "osd-taylor": {"method": "osd", "importance": "taylor"},
     "osd-fisher": {"method": "osd", "importance": "fisher"},
     "osd-adam": {"method": "osd", "importance": "adam"},
+    "osd-obd": {"method": "osd", "importance": "obd"},
     "osd-ones": {"method": "osd", "importance": "ones"},
     "osd-fp16": {"method": "osd", "value_dtype": "float16"},
     "osd-fp16+ef": {"method": "osd", "value_dtype": "float16", "error_feedback": True},
@@ -185,7 +186,8 @@ PRESETS: dict[str, SweepConfig] = {
     # Full-model fine-tuning (issue 14), where updates are far from low-rank: every encoder layer of
     # MiniLM trained (embeddings frozen, so they travel as ZERO records), 4 clients x 10 AdamW steps
     # at lr 1e-4 (chosen by a dense calibration, docs/results.md), 48 tokens, one torch thread.
-    # 81 runs; about 7 min each with two shards side by side on the 2-core CPU (--shard 0/2, 1/2).
+    # The importance forms (osd = Z of ones) as an ablation at r = 1, against MagTruncSVD.
+    # 96 runs; about 7 min each with two shards side by side on the 2-core CPU (--shard 0/2, 1/2).
     "fullmodel": SweepConfig(
         name="fullmodel",
         methods=(
@@ -200,8 +202,14 @@ PRESETS: dict[str, SweepConfig] = {
             "osd-fp16",
             "powersgd+ef",
             "topk+ef",
+            "osd-grad",
+            "osd-taylor",
+            "osd-fisher",
+            "osd-adam",
+            "osd-obd",
         ),
         ranks=(1, 2, 4),
+        method_ranks=dict.fromkeys(("osd-grad", "osd-taylor", "osd-fisher", "osd-adam", "osd-obd"), (1,)),
         seeds=(0, 1, 2),
         rounds=10,
         threads=1,

@@ -104,7 +104,8 @@ def test_plan_puts_rank_free_first_then_rank_by_rank_and_shards_split_it() -> No
     assert all(rank == 0 for _, rank, _ in runs[:n_free])
     ranks = [rank for _, rank, _ in runs[n_free:]]
     assert ranks == sorted(ranks) and set(ranks) == set(cfg.ranks)
-    assert len(runs) == len(set(runs)) == n_free + (len(cfg.methods) - n_free // len(cfg.seeds)) * 9
+    per_seed = sum(len(cfg.method_ranks.get(m, cfg.ranks)) for m in cfg.methods if m not in RANK_FREE)
+    assert len(runs) == len(set(runs)) == n_free + per_seed * len(cfg.seeds) == 96
     shards = [dataclasses.replace(cfg, shard=(i, 2)) for i in range(2)]
     parts = [[r for k, r in enumerate(runs) if k % 2 == s.shard[0]] for s in shards]
     assert sorted(parts[0] + parts[1]) == sorted(runs) and not set(parts[0]) & set(parts[1])

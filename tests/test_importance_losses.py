@@ -109,3 +109,31 @@ def test_attach_importance_warns_when_the_server_form_makes_it_a_no_op() -> None
         assert attach_importance(RecordDict(), CompressionConfig(method="truncsvd"), model, batches) is None
         # an app running 'ones' on purpose (a sweep comparing forms) turns the warning off
         assert attach_importance(RecordDict(), CompressionConfig(), model, batches, warn_unused=False) is None
+
+
+def test_obd_is_the_per_example_fisher_diagonal() -> None:
+    model, batches = _mlp_and_batches()
+    obd = compute_importance(model, batches, nn.CrossEntropyLoss(), form="obd", num_batches=2)
+    fisher = compute_importance(model, batches, nn.CrossEntropyLoss(), form="fisher", num_batches=2)
+    weight = dict(model.named_parameters())["0.weight"]
+    manual = torch.zeros_like(weight)
+    model.eval()
+    for x, y in batches[:2]:
+        for i in range(len(y)):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()  # type: ignore[no-untyped-call]
+            assert weight.grad is not None
+            manual += weight.grad.square()
+    model.zero_grad()
+    torch.testing.assert_close(obd["0.weight"], manual / 10, rtol=1e-5, atol=1e-9)
+    # Jensen: a batch mean's square is at most the mean of the examples' squares, and far below it here
+    assert bool((fisher["0.weight"] <= obd["0.weight"] + 1e-7).all())
+    assert float(obd["0.weight"].sum()) > 2 * float(fisher["0.weight"].sum())
+
+
+def test_obd_splits_mapping_batches_of_a_hugging_face_model() -> None:
+    model, batches = _tiny_bert()
+    maps = compute_importance(model, batches, None, form="obd", num_batches=1)
+    params = dict(model.named_parameters())
+    assert maps and all(z.shape == params[n].shape and bool((z >= 0).all()) for n, z in maps.items())
+    assert any(float(z.sum()) > 0 for z in maps.values())
