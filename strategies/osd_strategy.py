@@ -65,7 +65,7 @@ from osd_fl.records import (
     config_to_record,
     record_specs,
 )
-from strategies.aggregation import Aggregator, RoundInputs, Valid, accumulate, resum, zeros
+from strategies.aggregation import Aggregator, FactorSum, RoundInputs, Valid, resum, zeros
 from strategies.metering import ByteMeter, MeteredGrid
 from strategies.metrics import clean_reply, merge_metrics
 from strategies.norm_bound import NormBound
@@ -509,6 +509,7 @@ class OSDStrategy(Strategy):
         two_pass = self.norm_bound_relative is not None
         kept: list[Valid] = []
         total_weight = 0.0
+        sums = FactorSum(acc)
         answered: set[int] = set()
         sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
         for msg in replies:
@@ -529,9 +530,10 @@ class OSDStrategy(Strategy):
                 continue
             valid, payload = checked
             if not two_pass:
-                accumulate(acc, payload, valid.weight)
+                sums.add(payload, valid.weight)
                 total_weight += valid.weight
             kept.append(valid)
+        sums.flush()
         for node in sorted(self._sampled - answered):
             counts[METRIC_FAILED] += 1
             counts[METRIC_NO_REPLY] += 1

@@ -138,17 +138,28 @@ def test_bounds_cost_no_rebuild_and_keep_one_tensor_at_a_time(monkeypatch: pytes
         return tensor
 
     monkeypatch.setattr(aggregation_module, "reconstruct", tracking)
+    factored: list[int] = []  # low-rank records summed in factor space (no rebuild), per product
+    real_form = aggregation_module.FactorSum._form
+
+    def counting(self: aggregation_module.FactorSum, name: str) -> None:
+        factored.append(len(self._pending[name][0]))
+        real_form(self, name)
+
+    monkeypatch.setattr(aggregation_module.FactorSum, "_form", counting)
     tensors = len(SHAPES)
     strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
     arrays, _ = _round(strategy, [0, 1, 2, 3, 4, 5])
     assert arrays is not None
-    assert len(leaked) == 5 * tensors  # the five within the bound, added once each
+    # the five within the bound, added once each (low-rank tensors from their factors, no rebuild)
+    assert len(leaked) + sum(factored) == 5 * tensors and sum(factored) > 0
     assert leaked == [0] * len(leaked)
     for kwargs in ({"norm_bound": 1e9}, {}):
         leaked.clear()
+        factored.clear()
         strategy = OSDStrategy(FedAvg(), config=CFG, **kwargs)  # type: ignore[arg-type]
         _round(strategy, [0, 1, 2])
-        assert leaked == [0] * (3 * tensors)
+        assert len(leaked) + sum(factored) == 3 * tensors
+        assert leaked == [0] * len(leaked)
 
 
 def _norm_exact(payload: bytes) -> float:
