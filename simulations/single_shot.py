@@ -43,6 +43,7 @@ METHODS: list[tuple[str, dict[str, Any], str | None]] = [
     ("osd-grad", {"method": "osd"}, "grad"),
     ("osd-fisher", {"method": "osd"}, "fisher"),
     ("osd-taylor", {"method": "osd"}, "taylor"),
+    ("osd-obd", {"method": "osd"}, "obd"),
 ]
 PAPER_MARGIN = {1: 7.44, 3: 4.49}
 
