@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import weakref
 
 import pytest
 import torch
@@ -13,10 +12,9 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 import osd_fl.codec
-import strategies.aggregation as aggregation_module
 from osd_fl import ConfigError, compress, decompress
-from osd_fl.payload import TensorRecord
 from strategies import OSDStrategy
+from tests.helpers import AddTracker
 from tests.test_faults_strategy import (
     CFG,
     SHAPES,
@@ -127,25 +125,8 @@ def test_absolute_then_relative() -> None:
 
 def test_bounds_cost_no_rebuild_and_keep_one_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Norms come from the factors: each tensor of a kept reply is rebuilt once (to be added), one alive at a time."""
-    alive: list[weakref.ref[torch.Tensor]] = []
-    leaked: list[int] = []
-    real = osd_fl.codec.reconstruct
-
-    def tracking(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
-        leaked.append(sum(ref() is not None for ref in alive))
-        tensor = real(rec, device)
-        alive.append(weakref.ref(tensor))
-        return tensor
-
-    monkeypatch.setattr(aggregation_module, "reconstruct", tracking)
-    factored: list[int] = []  # low-rank records summed in factor space (no rebuild), per product
-    real_form = aggregation_module.FactorSum._form
-
-    def counting(self: aggregation_module.FactorSum, name: str) -> None:
-        factored.append(len(self._pending[name][0]))
-        real_form(self, name)
-
-    monkeypatch.setattr(aggregation_module.FactorSum, "_form", counting)
+    track = AddTracker(monkeypatch)
+    leaked, factored = track.leaked, track.factored
     tensors = len(SHAPES)
     strategy = OSDStrategy(FedAvg(), config=CFG, norm_bound_relative=3.0)
     arrays, _ = _round(strategy, [0, 1, 2, 3, 4, 5])
@@ -154,8 +135,7 @@ def test_bounds_cost_no_rebuild_and_keep_one_tensor_at_a_time(monkeypatch: pytes
     assert len(leaked) + sum(factored) == 5 * tensors and sum(factored) > 0
     assert leaked == [0] * len(leaked)
     for kwargs in ({"norm_bound": 1e9}, {}):
-        leaked.clear()
-        factored.clear()
+        track.clear()
         strategy = OSDStrategy(FedAvg(), config=CFG, **kwargs)  # type: ignore[arg-type]
         _round(strategy, [0, 1, 2])
         assert len(leaked) + sum(factored) == 3 * tensors

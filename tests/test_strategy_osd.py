@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -14,13 +13,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
-import osd_fl.codec
-import strategies.aggregation as aggregation_module
 from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError, compress, decompress, payload_budget
 from osd_fl.codec import encode
 from osd_fl.compressor import dense_record
-from osd_fl.payload import Payload, TensorRecord
+from osd_fl.payload import Payload
 from osd_fl.records import (
     PAYLOAD_RECORD_KEY,
     payload_to_record,
@@ -30,6 +27,7 @@ from osd_fl.records import (
 )
 from strategies import OSDStrategy
 from strategies.local_grid import LocalGrid, make_context
+from tests.helpers import AddTracker
 
 SHAPES = {"fc1.weight": (48, 40), "fc1.bias": (48,), "fc2.weight": (10, 48), "fc2.bias": (10,)}
 CFG = CompressionConfig(method="osd", rank=2, min_numel=256, importance="ones")
@@ -198,29 +196,10 @@ def test_decoded_tensors_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     The strategy holds the float64 sums and one rebuilt tensor, never a whole
     decoded update (nor one of an earlier reply).
     """
-    alive: list[weakref.ref[torch.Tensor]] = []
-    leaked: list[int] = []
-    real = osd_fl.codec.reconstruct
-
-    def tracking(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
-        leaked.append(sum(ref() is not None for ref in alive))
-        tensor = real(rec, device)
-        alive.append(weakref.ref(tensor))
-        return tensor
-
-    monkeypatch.setattr(aggregation_module, "reconstruct", tracking)
-    factored: list[int] = []  # low-rank records summed in factor space (no rebuild), per product
-    real_form = aggregation_module.FactorSum._form
-
-    def counting(self: aggregation_module.FactorSum, name: str) -> None:
-        factored.append(len(self._pending[name][0]))
-        real_form(self, name)
-
-    monkeypatch.setattr(aggregation_module.FactorSum, "_form", counting)
+    track = AddTracker(monkeypatch)
+    leaked, factored = track.leaked, track.factored
     for kwargs in ({}, {"norm_bound": 1e6}, {"norm_bound_relative": 10.0}):
-        alive.clear()
-        leaked.clear()
-        factored.clear()
+        track.clear()
         strategy = OSDStrategy(FedAvg(), config=CFG, **kwargs)  # type: ignore[arg-type]
         msgs = _configure(strategy, 6)
         arrays, _ = strategy.aggregate_train(1, [_osd_reply(m, _trained(i), 10) for i, m in enumerate(msgs)])
