@@ -37,13 +37,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from osd_fl import CompressionConfig, compress, decode, record_bytes
 from simulations.devices import seeded, torch_threads
+from simulations.sweep import CACHED_ERA
 from simulations.text import TextTask, TextTaskConfig
 from simulations.text.train import loss_fn, make_optimizer
 
 __all__ = ["QuickstartCNN", "main", "model_update", "payload_shares"]
 
 #: The defaults before issue 14 (small matrices and embeddings dense), for the side-by-side column.
-OLD_DEFAULTS: dict[str, Any] = {"min_numel": 4096, "embedding_policy": "dense"}
+OLD_DEFAULTS: dict[str, Any] = CACHED_ERA
 
 
 class QuickstartCNN(nn.Module):
