@@ -85,6 +85,7 @@ def _fixed_and_matrix_bytes(
         cfg.method,
         cfg.rank,
         cfg.value_bytes,
+        budget_value_bytes=cfg.budget_value_bytes,
         dense={k for k, r in routes.items() if r == Route.DENSE},
         compressed={k for k, r in routes.items() if r == Route.COMPRESS},
     )
@@ -95,7 +96,8 @@ def payload_budget(shapes: Mapping[str, Sequence[int]], config: CompressionConfi
 
     That is ``budget_bytes`` when set, otherwise the header, every record's
     fixed fields, dense tensors at ``value_dtype`` and, per compressed matrix,
-    exactly what dense rank-r TruncSVD factors cost.
+    exactly what dense rank-r TruncSVD factors cost at ``budget_dtype``
+    (``value_dtype`` unless set).
     """
     cfg = resolve_config(config, **options)
     if cfg.budget_bytes:
@@ -272,7 +274,7 @@ def _encode_matrices(
             raise ConfigError(f"budget_bytes={limit} is below the payload's fixed part of {fixed} bytes")
         return {rec.name: rec for rec in comp.encode_global(items, limit - fixed, state)}
     return {
-        item.name: comp.encode_matrix(item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.value_bytes), state)
+        item.name: comp.encode_matrix(item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_bytes), state)
         for item in items
     }
 

@@ -11,8 +11,9 @@ Tuning guide (turn the knobs in this order):
 1. ``rank`` sets the byte budget: a rank-r budget is what two dense rank-r
    factors cost, ``r * (n + d)`` values per matrix. Double it to double the
    upload.
-2. ``value_dtype="float16"`` halves the cost of every kept value; OSD then
-   keeps about twice as many entries for the same bytes.
+2. ``value_dtype="float16"`` halves the cost of every kept value. By itself
+   it halves the upload; with ``budget_dtype="float32"`` the budget stays what
+   float32 rank-r TruncSVD sends and OSD keeps about twice as many entries.
 3. ``relax`` (c) is how many extra singular directions OSD may draw entries
    from. With ``adaptive=True`` (default) each matrix tries c = 0..relax and
    keeps the one with the least importance-weighted error, so a larger
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 ValueDType = Literal["float32", "float16"]
+BudgetDType = Literal["value", "float32", "float16"]
 ImportanceForm = Literal["grad", "taylor", "fisher", "obd", "ones", "adam"]
 BudgetMode = Literal["matrix", "global"]
 EmbeddingPolicy = Literal["compress", "dense", "skip"]
@@ -117,6 +119,14 @@ class CompressionConfig(Settings):
     value_dtype: ValueDType = field(
         default="float32",
         metadata={"help": "Precision of every transmitted value, for every method alike: float32 or float16."},
+    )
+    budget_dtype: BudgetDType = field(
+        default="value",
+        metadata={
+            "help": "Precision the rank-r budget is priced at: value = value_dtype (float16 values then halve "
+            "the upload); float32 = the bytes float32 rank-r TruncSVD sends, so float16 values let OSD and "
+            "MagTruncSVD keep about twice the entries at equal bytes."
+        },
     )
     budget: BudgetMode = field(
         default="matrix",
@@ -199,3 +209,8 @@ class CompressionConfig(Settings):
     def value_bytes(self) -> int:
         """Bytes of one transmitted value (4 for float32, 2 for float16)."""
         return value_bytes(self.value_dtype)
+
+    @property
+    def budget_value_bytes(self) -> int:
+        """Bytes per value at which a matrix's rank-r budget is priced (``budget_dtype``)."""
+        return self.value_bytes if self.budget_dtype == "value" else value_bytes(self.budget_dtype)

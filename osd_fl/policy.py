@@ -42,7 +42,7 @@ def plan_routes(
             continue
         n, d = matrix_dims(shape)
         small = len(shape) < 2 or n * d < max(config.min_numel, 1)
-        if small or matrix_budget(n, d, config.rank, config.value_bytes) >= n * d * config.value_bytes:
+        if small or matrix_budget(n, d, config.rank, config.budget_value_bytes) >= n * d * config.value_bytes:
             routes[name] = Route.DENSE
         else:
             routes[name] = Route.COMPRESS

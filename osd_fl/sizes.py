@@ -186,6 +186,7 @@ def payload_parts(
     rank: int,
     value_bytes: int,
     *,
+    budget_value_bytes: int | None = None,
     dense: Collection[str],
     compressed: Collection[str],
 ) -> tuple[int, int]:
@@ -193,8 +194,9 @@ def payload_parts(
 
     ``fixed``: the header, every record's header and the ``dense`` tensors'
     values; ``matrices``: the :func:`matrix_budget` of every ``compressed``
-    tensor seen as ``shape[0] x prod(shape[1:])``. Other tensors (skipped)
-    cost only their record header.
+    tensor seen as ``shape[0] x prod(shape[1:])``, priced at
+    ``budget_value_bytes`` per value (``value_bytes`` when None). Other
+    tensors (skipped) cost only their record header.
     """
     fixed = header_bytes(method)
     matrices = 0
@@ -204,7 +206,7 @@ def payload_parts(
             fixed += math.prod(shape) * value_bytes
         elif name in compressed:
             n, d = matrix_dims(shape)
-            matrices += matrix_budget(n, d, rank, value_bytes)
+            matrices += matrix_budget(n, d, rank, value_bytes if budget_value_bytes is None else budget_value_bytes)
     return fixed, matrices
 
 

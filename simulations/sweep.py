@@ -65,9 +65,9 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "osd-adam": {"method": "osd", "importance": "adam"},
     "osd-obd": {"method": "osd", "importance": "obd"},
     "osd-ones": {"method": "osd", "importance": "ones"},
-    "osd-fp16": {"method": "osd", "value_dtype": "float16"},
-    "osd-fp16+ef": {"method": "osd", "value_dtype": "float16", "error_feedback": True},
-    "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16"},
+    "osd-fp16": {"method": "osd", "value_dtype": "float16", "budget_dtype": "float32"},
+    "osd-fp16+ef": {"method": "osd", "value_dtype": "float16", "budget_dtype": "float32", "error_feedback": True},
+    "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "budget_dtype": "float32"},
 }
 RANK_FREE = frozenset(methods_with("rank_free"))
 
