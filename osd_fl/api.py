@@ -274,7 +274,9 @@ def _encode_matrices(
             raise ConfigError(f"budget_bytes={limit} is below the payload's fixed part of {fixed} bytes")
         return {rec.name: rec for rec in comp.encode_global(items, limit - fixed, state)}
     return {
-        item.name: comp.encode_matrix(item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_bytes), state)
+        item.name: comp.encode_matrix(
+            item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_bytes), state
+        )
         for item in items
     }
 
