@@ -2,7 +2,9 @@
 
 The only lines that concern compression are ``mods=[osd_mod]`` and the
 :func:`~clients.attach_importance` call; the rest is a plain Flower
-ClientApp. Registered in ``pyproject.toml`` as ``simulations.digits_client:app``.
+ClientApp. The registered app (:mod:`simulations.client_app`) calls :func:`train`
+and :func:`evaluate_fn` when ``task = "digits"``; ``app`` here is the
+digits-only ClientApp the in-process tests run.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from flwr.clientapp import ClientApp
 
 from clients import attach_importance, osd_mod
 from osd_fl.records import record_to_tensors, tensors_to_record
+from simulations.app_config import AppSettings
 from simulations.devices import torch_threads
-from simulations.digits_config import DigitsSettings
 from simulations.digits_task import build_model, client_data, evaluate, loss_fn, make_optimizer, train_epochs
 
 __all__ = ["app"]
@@ -22,14 +24,14 @@ __all__ = ["app"]
 app = ClientApp(mods=[osd_mod])
 
 
-def _partition(context: Context, settings: DigitsSettings) -> tuple[int, int]:
+def _partition(context: Context, settings: AppSettings) -> tuple[int, int]:
     cfg = context.node_config
     num = int(cfg.get("num-partitions", settings.default_partitions))
     pid = int(cfg.get("partition-id", context.node_id % num))
     return pid, num
 
 
-def _global_model(msg: Message, settings: DigitsSettings) -> torch.nn.Module:
+def _global_model(msg: Message, settings: AppSettings) -> torch.nn.Module:
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         raise ValueError(f"expected one ArrayRecord (the global model), found {len(records)}")
@@ -53,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    settings = DigitsSettings.from_run_config(context.run_config)
+    settings = AppSettings.from_run_config(context.run_config)
     pid, num = _partition(context, settings)
     server_round = int(_server_value(msg, "server-round", 0))
     data = client_data(
@@ -91,7 +93,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    settings = DigitsSettings.from_run_config(context.run_config)
+    settings = AppSettings.from_run_config(context.run_config)
     pid, num = _partition(context, settings)
     data = client_data(
         pid, num, val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, seed=settings.seed

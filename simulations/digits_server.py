@@ -1,125 +1,28 @@
-"""ServerApp of the digits task: FedAvg wrapped in :class:`~strategies.OSDStrategy`.
+"""The digits task's server side: its initial model, central evaluation and round loop.
 
-Registered in ``pyproject.toml`` as ``simulations.digits_server:app``; all
-settings come from ``[tool.flwr.app.config]`` (see
-:mod:`simulations.digits_config`). With ``results-dir`` set it writes
-``traffic.csv`` (bytes per round, phase, node and direction),
-``rounds.csv`` (per-round metrics), ``replies.csv`` (one row per reply: the
-node it answers for and the metrics that node reported, e.g.
-``osd-residual-in-norm``, which rounds.csv only has averaged) and
-``result.json`` (everything, including central test accuracy per round).
+:func:`run_server` runs :func:`simulations.federation.run_federation` with the
+digits MLP; the registered ServerApp (:mod:`simulations.server_app`) calls it
+when ``task = "digits"``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 
 from osd_fl import CompressionConfig
 from osd_fl.records import record_to_tensors, tensors_to_record
+from simulations.app_config import AppSettings
 from simulations.devices import torch_threads
-from simulations.digits_config import DigitsSettings, compression_from_run_config
 from simulations.digits_task import build_model, evaluate, test_data
+from simulations.federation import EvaluateFn, run_federation
 from strategies import OSDStrategy
 
-__all__ = ["REPLIES_CSV", "DigitsStrategy", "app", "make_server_app", "result_summary", "run_server"]
-
-log = logging.getLogger("flwr.osd.digits")
-
-#: File in ``results-dir`` with one row per reply the ServerApp received.
-REPLIES_CSV = "replies.csv"
+__all__ = ["run_server"]
 
 
-class DigitsStrategy(OSDStrategy):
-    """:class:`~strategies.OSDStrategy` that also keeps every reply, per node (``replies.csv``).
-
-    ``rounds.csv`` averages the clients' metrics over accepted replies; this
-    keeps what each node sent, train and evaluate, before validation: one row
-    per reply with ``round``, ``phase``, ``node_id`` (the node the instruction
-    went to, found by ``reply_to_message_id``; ``-1`` if no instruction of
-    this round matches), ``src_node_id`` (as the reply says: the SuperLink's
-    own id for an error it generated, e.g. for a node that stopped sending
-    heartbeats), ``error`` (empty, or ``code: reason``) and the node's metrics.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.replies: list[dict[str, Any]] = []
-        self._sent: list[Message] = []
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As :meth:`OSDStrategy.configure_train`; keeps the messages to map replies to nodes."""
-        return self._keep(super().configure_train(server_round, arrays, config, grid))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As :meth:`OSDStrategy.configure_evaluate`; keeps the messages to map replies to nodes."""
-        return self._keep(super().configure_evaluate(server_round, arrays, config, grid))
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record the replies, then :meth:`OSDStrategy.aggregate_train`."""
-        replies = list(replies)
-        self._record(server_round, MessageType.TRAIN, replies)
-        return super().aggregate_train(server_round, replies)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record the replies, then :meth:`OSDStrategy.aggregate_evaluate`."""
-        replies = list(replies)
-        self._record(server_round, MessageType.EVALUATE, replies)
-        return super().aggregate_evaluate(server_round, replies)
-
-    def _keep(self, messages: Iterable[Message]) -> list[Message]:
-        # The grid stamps the message ids on these very objects when it pushes
-        # them, before any reply is aggregated.
-        self._sent = list(messages)
-        return self._sent
-
-    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
-        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent}
-        for msg in replies:
-            meta = msg.metadata
-            row: dict[str, Any] = {
-                "round": server_round,
-                "phase": phase,
-                "node_id": sent_to.get(meta.reply_to_message_id, -1),
-                "src_node_id": int(meta.src_node_id),
-                "error": f"{msg.error.code}: {msg.error.reason}" if msg.has_error() else "",
-            }
-            if msg.has_content():
-                for record in msg.content.metric_records.values():
-                    row.update({k: v for k, v in record.items() if k not in row and not isinstance(v, list)})
-            self.replies.append(row)
-        if self.csv_dir is not None:
-            try:
-                self._write_replies(self.csv_dir / REPLIES_CSV)
-            except OSError:
-                log.exception("could not write %s", self.csv_dir / REPLIES_CSV)
-
-    def _write_replies(self, path: Path) -> None:
-        columns: list[str] = []
-        for row in self.replies:
-            columns.extend(k for k in row if k not in columns)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.replies)
-
-
-def _central_eval(settings: DigitsSettings) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+def _central_eval(settings: AppSettings) -> EvaluateFn:
     loader = test_data(test_fraction=settings.test_fraction, seed=settings.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -131,8 +34,8 @@ def _central_eval(settings: DigitsSettings) -> Callable[[int, ArrayRecord], Metr
     return evaluate_fn
 
 
-def run_server(grid: Grid, settings: DigitsSettings, compression: CompressionConfig) -> tuple[Result, OSDStrategy]:
-    """Run the federated rounds on ``grid``; return Flower's result and the strategy.
+def run_server(grid: Grid, settings: AppSettings, compression: CompressionConfig) -> tuple[Result, OSDStrategy]:
+    """Run the digits task's federated rounds on ``grid``; return Flower's result and the strategy.
 
     Parameters
     ----------
@@ -144,78 +47,12 @@ def run_server(grid: Grid, settings: DigitsSettings, compression: CompressionCon
         Upload compression settings sent to every client.
     """
     with torch_threads(1):
-        return _run_server(grid, settings, compression)
-
-
-def _run_server(grid: Grid, settings: DigitsSettings, compression: CompressionConfig) -> tuple[Result, OSDStrategy]:
-    model = build_model(settings.hidden, seed=settings.seed)
-    inner = FedAvg(
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=settings.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1 if settings.fraction_evaluate > 0 else 0,
-        min_available_nodes=settings.min_nodes,
-    )
-    strategy = DigitsStrategy(
-        inner,
-        config=compression,
-        server_lr=settings.server_lr,
-        max_payload_bytes=settings.max_payload_bytes or None,
-        csv_dir=settings.results_dir or None,
-    )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=tensors_to_record(model.state_dict()),
-        num_rounds=settings.num_server_rounds,
-        train_config=ConfigRecord({"lr": settings.lr, "local-epochs": settings.local_epochs}),
-        evaluate_fn=_central_eval(settings) if settings.central_eval else None,
-    )
-    if settings.results_dir:
-        path = Path(settings.results_dir) / "result.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        summary = result_summary(result, strategy)
-        summary["settings"] = {**vars(settings), "compression": compression.to_dict()}
-        path.write_text(json.dumps(summary, indent=2))
-        log.info("results written to %s", path.parent)
-    return result, strategy
-
-
-def result_summary(result: Result, strategy: OSDStrategy) -> dict[str, Any]:
-    """Plain-JSON view of a run: metrics per round, traffic totals, rejections."""
-
-    def plain(records: dict[int, MetricRecord]) -> dict[str, dict[str, Any]]:
-        return {str(r): dict(m.items()) for r, m in sorted(records.items())}
-
-    return {
-        "train": plain(result.train_metrics_clientapp),
-        "evaluate": plain(result.evaluate_metrics_clientapp),
-        "central": plain(result.evaluate_metrics_serverapp),
-        "traffic": strategy.meter.totals(),
-        "rejections": [vars(r) for r in strategy.rejections],
-    }
-
-
-def make_server_app(
-    settings: DigitsSettings | None = None,
-    compression: CompressionConfig | None = None,
-    on_finish: Callable[[Result, OSDStrategy], None] | None = None,
-) -> ServerApp:
-    """A ServerApp with fixed settings (default: read them from the run_config).
-
-    ``on_finish(result, strategy)`` is called at the end, e.g. for tests that
-    run the app in the same process with ``run_simulation``.
-    """
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        s = settings if settings is not None else DigitsSettings.from_run_config(context.run_config)
-        c = compression if compression is not None else compression_from_run_config(context.run_config)
-        result, strategy = run_server(grid, s, c)
-        if on_finish is not None:
-            on_finish(result, strategy)
-
-    return server_app
-
-
-app = make_server_app()
+        model = build_model(settings.hidden, seed=settings.seed)
+        return run_federation(
+            grid,
+            settings,
+            compression,
+            tensors_to_record(model.state_dict()),
+            _central_eval(settings) if settings.central_eval else None,
+            train_config={"lr": settings.lr, "local-epochs": settings.local_epochs},
+        )

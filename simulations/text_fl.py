@@ -1,4 +1,4 @@
-"""Federated MiniLM on Rotten Tomatoes: the ClientApp and the server loop of the sweep.
+"""The federated text task: its ClientApp, the registered app's text server, and the sweep's server loop.
 
 The client is a plain Flower ClientApp with ``mods=[osd_mod]`` and an
 :func:`~clients.attach_importance` call; the server is FedAvg wrapped in
@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from clients import attach_importance, osd_mod
 from osd_fl import CompressionConfig
@@ -33,12 +34,14 @@ from osd_fl.records import (
     tensors_to_record,
 )
 from osd_fl.seeds import client_seed
+from simulations.app_config import TEXT_PREFIX, AppSettings
 from simulations.devices import seeded
+from simulations.federation import run_federation
 from simulations.text import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
 from strategies.local_grid import LocalGrid
 
-__all__ = ["RoundRow", "get_task", "make_client_app", "run_text_fl"]
+__all__ = ["RoundRow", "evaluate_fn", "get_task", "make_client_app", "run_text_fl", "run_text_server", "train"]
 
 _TASKS: dict[str, TextTask] = {}
 
@@ -58,40 +61,119 @@ def _round(msg: Message) -> int:
     return 0
 
 
+def _node_task_config(cfg: TextTaskConfig, context: Context) -> tuple[TextTaskConfig, int]:
+    """The task as this node sees it, and its partition: ``num-partitions`` of the node config wins."""
+    node = context.node_config
+    if "num-partitions" in node and int(node["num-partitions"]) != cfg.num_clients:
+        cfg = cfg.replace(num_clients=int(node["num-partitions"]))
+    pid = int(node.get("partition-id", 0))
+    if not 0 <= pid < cfg.num_clients:
+        raise ValueError(
+            f"node config partition-id={pid} is outside 0..{cfg.num_clients - 1}: start the SuperNode with "
+            f"--node-config 'partition-id=<0..N-1> num-partitions=N' or set text.num-clients"
+        )
+    return cfg, pid
+
+
+def _global_model(task: TextTask, msg: Message) -> torch.nn.Module:
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        raise ValueError(f"expected one ArrayRecord (the global model), found {len(records)}")
+    model = task.new_model()
+    model.load_state_dict(record_to_tensors(records[0]))
+    return model
+
+
+def _run_config_task(context: Context) -> TextTaskConfig:
+    return TextTaskConfig.from_mapping(context.run_config, prefix=TEXT_PREFIX, strict=False)
+
+
+def train(msg: Message, context: Context, task_config: TextTaskConfig | None = None) -> Message:
+    """Train locally from the global model (settings: ``task_config`` or the run_config's ``text.*`` keys)."""
+    cfg, pid = _node_task_config(task_config or _run_config_task(context), context)
+    task = get_task(cfg)
+    model = _global_model(task, msg)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    server_round = _round(msg)
+    train_loader, val_loader = task.client_loaders(pid, round_seed=server_round)
+    # dropout draws from torch's global generator: seed it per (seed, client, round),
+    # inside a block that restores the caller's generator afterwards
+    with seeded(client_seed(cfg.seed, pid, server_round)):
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
+        content = RecordDict(
+            {
+                "arrays": tensors_to_record(model.state_dict()),
+                "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
+            }
+        )
+        attach_importance(
+            content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer, warn_unused=False
+        )
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_fn(msg: Message, context: Context, task_config: TextTaskConfig | None = None) -> Message:
+    """Evaluate the global model on this node's validation split."""
+    cfg, pid = _node_task_config(task_config or _run_config_task(context), context)
+    task = get_task(cfg)
+    model = _global_model(task, msg)
+    _, val_loader = task.client_loaders(pid)
+    loss, accuracy = evaluate(model, val_loader)
+    count = len(val_loader.dataset)  # type: ignore[arg-type]
+    metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": accuracy, "num-examples": count})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
-    """The text task's ClientApp (settings from ``task_config`` or the run_config's ``task.*`` keys)."""
+    """The text task's ClientApp (settings from ``task_config`` or the run_config's ``text.*`` keys)."""
     app = ClientApp(mods=[osd_mod])
 
     @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = task_config or TextTaskConfig.from_mapping(context.run_config, prefix="task.", strict=False)
-        task = get_task(cfg)
-        pid = int(context.node_config.get("partition-id", 0))
-        records = list(msg.content.array_records.values())
-        if len(records) != 1:
-            raise ValueError(f"expected one ArrayRecord (the global model), found {len(records)}")
-        model = task.new_model()
-        model.load_state_dict(record_to_tensors(records[0]))
-        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        server_round = _round(msg)
-        train_loader, val_loader = task.client_loaders(pid, round_seed=server_round)
-        # dropout draws from torch's global generator: seed it per (seed, client, round),
-        # inside a block that restores the caller's generator afterwards
-        with seeded(client_seed(cfg.seed, pid, server_round)):
-            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-            loss = train_epoch(model, train_loader, optimizer, steps=cfg.local_steps or None)
-            content = RecordDict(
-                {
-                    "arrays": tensors_to_record(model.state_dict()),
-                    "metrics": MetricRecord({"train-loss": loss, "num-examples": task.client_data(pid).train.num_rows}),
-                }
-            )
-            attach_importance(
-                content, msg, model, val_loader, loss_fn, reference=reference, optimizer=optimizer, warn_unused=False
-            )
-        return Message(content=content, reply_to=msg)
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, task_config)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_fn(msg, context, task_config)
 
     return app
+
+
+def run_text_server(
+    grid: Grid, settings: AppSettings, task_config: TextTaskConfig, compression: CompressionConfig
+) -> tuple[Result, OSDStrategy]:
+    """The registered ServerApp's text run: :func:`~simulations.federation.run_federation` on ``grid``.
+
+    Parameters
+    ----------
+    grid
+        The grid Flower gives the ServerApp.
+    settings
+        Federation settings (rounds, fractions, results folder).
+    task_config
+        The text task (model, data, training); the server builds its test split and initial model.
+    compression
+        Upload compression settings sent to every client.
+    """
+    task = get_task(task_config)
+    model = task.new_model()
+    test_loader = task.test_loader()
+
+    def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(record_to_tensors(arrays))
+        loss, acc = evaluate(model, test_loader)
+        return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    return run_federation(
+        grid,
+        settings,
+        compression,
+        tensors_to_record(model.state_dict()),
+        central if settings.central_eval else None,
+        extra_settings={"text": task_config.to_dict()},
+        sampling_seed=task_config.seed,
+    )
 
 
 @dataclass

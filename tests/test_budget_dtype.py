@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from osd_fl import compress, decompress, payload_budget
@@ -28,7 +30,7 @@ def test_float32_budget_with_float16_values_is_the_float32_budget_less_the_dense
 def test_osd_float16_at_float32_budget_spends_it_and_beats_float16_at_half_the_bytes() -> None:
     upd = _update()
     shapes = {k: tuple(v.shape) for k, v in upd.items()}
-    opts = {"method": "osd", "rank": 2, "value_dtype": "float16", "relax": 3}
+    opts: dict[str, Any] = {"method": "osd", "rank": 2, "value_dtype": "float16", "relax": 3}
     half = compress(upd, **opts)
     equal = compress(upd, budget_dtype="float32", **opts)
     f32 = compress(upd, method="osd", rank=2, relax=3)

@@ -124,7 +124,8 @@ def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path) ->
     # min-nodes=2: no round waits for the restarted node, and none starts with fewer than the survivors.
     # No evaluate phase: it would only add a second wait for the dead node.
     run_config = (
-        f"num-server-rounds={ROUNDS} min-nodes=2 fraction-evaluate=0.0 osd.error-feedback=true results-dir='{results}'"
+        f"task='digits' num-server-rounds={ROUNDS} min-nodes=2 fraction-evaluate=0.0 osd.error-feedback=true "
+        f"results-dir='{results}'"
     )
     run = processes.start("flwr-run", "flwr", "run", str(ROOT), "deploy", "--stream", "--run-config", run_config)
     deadline = time.monotonic() + RUN_TIMEOUT

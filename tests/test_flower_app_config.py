@@ -18,12 +18,14 @@ from flwr.serverapp import ServerApp
 
 from clients import osd_mod
 from osd_fl import CompressionConfig, ConfigError
-from simulations.digits_config import (
-    DigitsSettings,
+from simulations.app_config import (
+    AppSettings,
     app_config_items,
     app_config_toml,
     compression_from_run_config,
+    text_config_from_run_config,
 )
+from simulations.text import TextTaskConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +35,12 @@ def test_pyproject_is_a_valid_flower_app() -> None:
     ok, errors, _ = validate_config(config, check_module=True, project_dir=ROOT)
     assert ok, errors
     components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "simulations.digits_server:app", "clientapp": "simulations.digits_client:app"}
+    assert components == {"serverapp": "simulations.server_app:app", "clientapp": "simulations.client_app:app"}
 
 
 def test_registered_apps_are_wired_to_osd() -> None:
-    from simulations.digits_client import app as client_app
-    from simulations.digits_server import app as server_app
+    from simulations.client_app import app as client_app
+    from simulations.server_app import app as server_app
 
     assert isinstance(server_app, ServerApp)
     assert isinstance(client_app, ClientApp)
@@ -51,11 +53,15 @@ def test_app_config_holds_every_setting_and_matches_the_dataclasses() -> None:
     expected = app_config_items()
     assert flatten_dict(section) == expected, (
         "pyproject's [tool.flwr.app.config] is out of date; regenerate it with\n"
-        'python -c "from simulations.digits_config import app_config_toml; print(app_config_toml())"'
+        'python -c "from simulations.app_config import app_config_toml; print(app_config_toml())"'
     )
     assert {k for k in expected if k.startswith("osd.")} == {
         "osd." + f.replace("_", "-") for f in CompressionConfig().to_dict()
     }
+    assert {k for k in expected if k.startswith("text.")} == {
+        "text." + f.replace("_", "-") for f in TextTaskConfig().to_dict()
+    }
+    assert section["task"] == "text"  # the text task is the app's default
     assert tomllib.loads(app_config_toml())["tool"]["flwr"]["app"]["config"] == section
 
 
@@ -64,28 +70,34 @@ def test_run_config_overrides_reach_the_apps() -> None:
         ["num-server-rounds=5 lr=0.05 osd.rank=2 osd.method='truncsvd' osd.error-feedback=true"]
     )
     run_config = get_fused_config_from_dir(ROOT, overrides)
-    settings = DigitsSettings.from_run_config(run_config)
+    settings = AppSettings.from_run_config(run_config)
     assert (settings.num_server_rounds, settings.lr) == (5, 0.05)
-    assert settings.hidden == DigitsSettings().hidden
+    assert settings.hidden == AppSettings().hidden
     compression = compression_from_run_config(run_config)
     assert compression == CompressionConfig().replace(method="truncsvd", rank=2, error_feedback=True)
+    text = text_config_from_run_config(
+        get_fused_config_from_dir(ROOT, parse_config_args(["text.mode='full' text.max-len=32 text.lr=0.0001"]))
+    )
+    assert (text.mode, text.max_len, text.lr) == ("full", 32, 1e-4)
     with pytest.raises(ValueError, match="not present"):
         get_fused_config_from_dir(ROOT, parse_config_args(["osd.rnak=2"]))
 
 
 def test_settings_parse_and_validate() -> None:
-    assert DigitsSettings.from_run_config({}) == DigitsSettings()
-    got = DigitsSettings.from_run_config({"local-epochs": "3", "central-eval": "false", "lr": 1, "other": "x"})
+    assert AppSettings.from_run_config({}) == AppSettings()
+    got = AppSettings.from_run_config({"local-epochs": "3", "central-eval": "false", "lr": 1, "other": "x"})
     assert (got.local_epochs, got.central_eval, got.lr) == (3, False, 1.0)
     with pytest.raises(ConfigError, match="local-epochs"):
-        DigitsSettings.from_run_config({"local-epochs": "three"})
+        AppSettings.from_run_config({"local-epochs": "three"})
     with pytest.raises(ConfigError, match="fraction-train"):
-        DigitsSettings(fraction_train=0.0)
+        AppSettings(fraction_train=0.0)
     with pytest.raises(ConfigError, match="unknown compression option"):
         compression_from_run_config({"osd.rnak": 2})
+    with pytest.raises(ConfigError, match="task"):
+        AppSettings.from_run_config({"task": "images"})
 
 
 def test_settings_refuse_a_garbled_boolean_instead_of_reading_it_as_false() -> None:
     with pytest.raises(ConfigError, match="central-eval"):
-        DigitsSettings.from_run_config({"central-eval": "maybe"})
-    assert DigitsSettings.from_run_config({"central-eval": "on"}).central_eval is True
+        AppSettings.from_run_config({"central-eval": "maybe"})
+    assert AppSettings.from_run_config({"central-eval": "on"}).central_eval is True

@@ -168,10 +168,34 @@ def test_flwr_run_simulation(processes: Processes, tmp_path: Path) -> None:
     options = "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
     _write_flower_config(tmp_path / "flwr_home", "sim", port, options)
     results = tmp_path / "results"
-    _flwr_run(processes, "sim", f"num-server-rounds=2 osd.rank=2 osd.method='truncsvd' results-dir='{results}'")
+    run_config = f"task='digits' num-server-rounds=2 osd.rank=2 osd.method='truncsvd' results-dir='{results}'"
+    _flwr_run(processes, "sim", run_config)
     summary = _check_result(results, rounds=2, nodes=2)
     assert summary["settings"]["compression"]["method"] == "truncsvd"  # the override reached the ServerApp
     assert summary["settings"]["compression"]["rank"] == 2
+
+
+def test_flwr_run_simulation_of_the_text_task(processes: Processes, tmp_path: Path) -> None:
+    """``flwr run .`` with the app's default task (text): full-model MiniLM, OSD uploads, a tiny run."""
+    port = start_superlink(processes, tmp_path, simulation=True)
+    options = "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+    _write_flower_config(tmp_path / "flwr_home", "sim", port, options)
+    results = tmp_path / "results"
+    _flwr_run(
+        processes,
+        "sim",
+        "num-server-rounds=1 osd.rank=1 text.mode='full' text.frozen-layers=0 text.max-examples=160 "
+        f"text.test-size=40 text.max-len=24 text.local-steps=1 text.batch-size=8 results-dir='{results}'",
+    )
+    summary: dict[str, Any] = json.loads((results / "result.json").read_text())
+    assert summary["settings"]["task"] == "text"
+    assert summary["settings"]["text"]["mode"] == "full"
+    train = summary["train"]["1"]
+    assert (train["accepted"], train["rejected"], train["failed"]) == (2, 0, 0)
+    assert summary["rejections"] == []
+    assert 0.0 <= summary["central"]["1"]["test-accuracy"] <= 1.0
+    # MiniLM's float32 weights are ~90 MB; two rank-1 OSD replies are a small fraction of one
+    assert train["bytes-up"] < 90e6 / 20
 
 
 def test_deployment_on_loopback(processes: Processes, tmp_path: Path) -> None:
@@ -191,7 +215,7 @@ def test_deployment_on_loopback(processes: Processes, tmp_path: Path) -> None:
         )
     _write_flower_config(tmp_path / "flwr_home", "deploy", port)
     results = tmp_path / "results"
-    _flwr_run(processes, "deploy", f"num-server-rounds=2 osd.error-feedback=true results-dir='{results}'")
+    _flwr_run(processes, "deploy", f"task='digits' num-server-rounds=2 osd.error-feedback=true results-dir='{results}'")
     summary = _check_result(results, rounds=2, nodes=2)
     # context.state survived between rounds although each round ran in a new ClientApp process.
     assert summary["train"]["1"]["osd-residual-in-norm"] == 0.0
@@ -211,7 +235,7 @@ def test_a_run_in_which_nothing_succeeds_fails_loudly(processes: Processes, tmp_
         "sim",
         "--stream",
         "--run-config",
-        "num-server-rounds=6 max-payload-bytes=1 central-eval=false fraction-evaluate=0.0",
+        "task='digits' num-server-rounds=6 max-payload-bytes=1 central-eval=false fraction-evaluate=0.0",
     ]
     done = subprocess.run(cmd, env=processes.env, capture_output=True, text=True, timeout=420, cwd=ROOT)
     out = done.stdout + done.stderr

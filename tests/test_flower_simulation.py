@@ -17,8 +17,8 @@ from flwr.supercore.run import Run
 
 from osd_fl import CompressionConfig
 from osd_fl.records import PAYLOAD_RECORD_KEY, STATE_RESIDUAL_KEY, record_to_payload
+from simulations.app_config import AppSettings
 from simulations.digits_client import app as client_app
-from simulations.digits_config import DigitsSettings
 from simulations.digits_server import run_server
 from strategies.local_grid import LocalGrid
 
@@ -109,7 +109,7 @@ def _check_run(captured: dict[str, Any], rounds: int, nodes: int) -> None:
 def test_local_grid_run_with_error_feedback_and_importance(tmp_path: Path) -> None:
     """Fast, in-process: 3 clients, 3 rounds, OSD with validation-gradient importance and EF."""
     rounds, nodes = 3, 3
-    settings = DigitsSettings(num_server_rounds=rounds, results_dir=str(tmp_path), min_nodes=nodes)
+    settings = AppSettings(num_server_rounds=rounds, results_dir=str(tmp_path), min_nodes=nodes)
     compression = CompressionConfig(method="osd", rank=1, importance="grad", error_feedback=True)
     local = LocalGrid(client_app, nodes)
     spy = RecordingGrid(local)
@@ -150,7 +150,7 @@ def test_run_simulation_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         spy = RecordingGrid(grid)
-        settings = DigitsSettings(num_server_rounds=rounds, min_nodes=nodes)
+        settings = AppSettings(num_server_rounds=rounds, min_nodes=nodes)
         result, strategy = run_server(spy, settings, CompressionConfig(method="osd", rank=2))
         captured.update(result=result, strategy=strategy, grid=spy)
 
