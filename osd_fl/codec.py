@@ -392,8 +392,26 @@ def _read_record(
 # -------------------------------------------------------------------- reconstruction
 
 
-def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
+def _ordered_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as rank-1 terms added in index order, each a rounded elementwise op.
+
+    Unlike a BLAS product (blocked, FMA, thread-dependent order), every
+    element's float bits depend only on the inputs: the same on any CPU, GPU
+    and thread count.
+    """
+    out = a[:, :1] * b[:1, :]
+    for j in range(1, a.shape[1]):
+        out = out + a[:, j : j + 1] * b[j : j + 1, :]
+    return out
+
+
+def reconstruct(rec: TensorRecord, device: torch.device | str | None = None, *, exact: bool = False) -> torch.Tensor:
     """Rebuild one tensor (float32 compute, then the record's dtype).
+
+    With ``exact=True`` a low-rank product is formed term by term in a fixed
+    order (:func:`_ordered_product`), so the result is bit-identical on every
+    machine: what a compressed broadcast needs, where server and clients must
+    hold the same model.
 
     Raises
     ------
@@ -410,7 +428,7 @@ def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> 
         n, d = rec.matrix_shape
         a = torch.from_numpy(rec.sections[0].dense()).to(dev).reshape(n, rec.rank)
         b = torch.from_numpy(rec.sections[1].dense()).to(dev).reshape(rec.rank, d)
-        out = (a @ b).reshape(rec.shape)
+        out = (_ordered_product(a, b) if exact else a @ b).reshape(rec.shape)
     else:
         assert rec.scales is not None and rec.qvalues is not None
         scales = np.repeat(rec.scales, rec.block)[: rec.numel]
@@ -424,7 +442,9 @@ def reconstruct(rec: TensorRecord, device: torch.device | str | None = None) -> 
     return out
 
 
-def iter_tensors(payload: Payload, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time, so a receiver holds one at once."""
+def iter_tensors(
+    payload: Payload, device: torch.device | str | None = None, *, exact: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time, so a receiver holds one at once (``exact``: see :func:`reconstruct`)."""
     for rec in payload.records:
-        yield rec.name, reconstruct(rec, device)
+        yield rec.name, reconstruct(rec, device, exact=exact)
