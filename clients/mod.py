@@ -35,7 +35,12 @@ tensor, or state that cannot be read or holds NaN/Inf, is dropped with a
 warning. The residual assumes the reply is delivered and accepted: if the
 server rejects it or it never arrives, that round's sent part is lost too.
 
-Messages other than ``train`` pass through untouched; so do train messages
+With a compressed downlink (``OSDStrategy(downlink=...)``) the mod first
+rebuilds the public model from the broadcast chain and the replica kept in
+``context.state`` (:mod:`clients.downlink`), for train and evaluate messages
+alike; the app's functions see the usual dense weights.
+
+Otherwise messages other than ``train`` pass through untouched; so do train messages
 whose config has no ``osd.*`` key (a server that does not use
 :class:`~strategies.OSDStrategy` gets plain weights, with a warning). Any
 problem becomes an error reply with a reason, which the server counts as
@@ -56,6 +61,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from clients.downlink import receive_model
 from clients.privacy import enclosing_privacy_mod, privacy_mod_order_error
 from osd_fl import (
     CompressionConfig,
@@ -298,6 +304,10 @@ def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
     base = defaults if defaults is not None else CompressionConfig()
 
     def osd_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.has_content():  # a compressed downlink: rebuild the public model first (train and evaluate)
+            reason = receive_model(msg, context)
+            if reason is not None:
+                return _error_reply(msg, reason.removeprefix("osd_mod: "))
         if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
         try:

@@ -21,15 +21,26 @@ Client -> server (train reply)
 Train function -> client mod (inside the client only)
     An optional ``ArrayRecord`` of importance maps under
     :data:`IMPORTANCE_RECORD_KEY`; the mod strips it before the reply leaves.
+Server -> client, with a compressed downlink (``OSDStrategy(downlink=...)``)
+    A ``ConfigRecord`` under :data:`DOWNLINK_RECORD_KEY` (the public model's
+    ``version`` and ``digest``, the ``base`` version a chain applies to, and
+    each step's digest) and either the public model as the usual dense
+    ``ArrayRecord`` or, under :data:`BROADCAST_RECORD_KEY`, one payload
+    ``Array`` per broadcast of the chain (see :mod:`osd_fl.downlink`). A
+    client that cannot apply the chain replies with an error whose reason
+    starts with :data:`RESYNC_REASON`; the server sends it the dense model next.
 ``context.state`` (per client, across rounds)
-    The error-feedback residual under :data:`STATE_RESIDUAL_KEY` and the
-    compressor's warm starts under :data:`STATE_COMPRESSOR_KEY`.
+    The error-feedback residual under :data:`STATE_RESIDUAL_KEY`, the
+    compressor's warm starts under :data:`STATE_COMPRESSOR_KEY` and, with a
+    compressed downlink, the replica of the public model under
+    :data:`STATE_REPLICA_KEY` (its version and digest in :data:`STATE_REPLICA_META_KEY`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -38,11 +49,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from osd_fl.config import CompressionConfig
+from osd_fl.downlink import Broadcast
 from osd_fl.errors import ConfigError, PayloadError
 from osd_fl.settings import option_name
 
 __all__ = [
+    "BROADCAST_RECORD_KEY",
     "CONFIG_PREFIX",
+    "DOWNLINK_RECORD_KEY",
     "IMPORTANCE_RECORD_KEY",
     "METRIC_ACCEPTED",
     "METRIC_BYTES_DOWN",
@@ -68,16 +82,22 @@ __all__ = [
     "PAYLOAD_ARRAY_KEY",
     "PAYLOAD_RECORD_KEY",
     "PAYLOAD_STYPE",
+    "RESYNC_REASON",
     "STATE_CLIENT_KEY",
     "STATE_COMPRESSOR_KEY",
+    "STATE_REPLICA_KEY",
+    "STATE_REPLICA_META_KEY",
     "STATE_RESIDUAL_KEY",
     "WEIGHT_KEY",
+    "DownlinkInfo",
     "array_to_tensor",
     "config_from_record",
     "config_to_record",
+    "downlink_records",
     "has_config",
     "numpy_to_record",
     "payload_to_record",
+    "read_downlink",
     "record_specs",
     "record_to_numpy",
     "record_to_payload",
@@ -110,6 +130,21 @@ STATE_RESIDUAL_KEY: Final = "osd.residual"
 
 STATE_COMPRESSOR_KEY: Final = "osd.compressor-state"
 """``context.state`` key of the compressor's warm starts (``ArrayRecord``)."""
+
+BROADCAST_RECORD_KEY: Final = "osd.broadcast"
+"""RecordDict key of a catch-up chain: one payload ``Array`` per broadcast, named by its version."""
+
+DOWNLINK_RECORD_KEY: Final = "osd.downlink"
+"""RecordDict key of the downlink's ``ConfigRecord`` (version, digest, base, step digests)."""
+
+RESYNC_REASON: Final = "osd_mod: resync:"
+"""Start of the error reason with which a client asks for the dense public model."""
+
+STATE_REPLICA_KEY: Final = "osd.replica"
+"""``context.state`` key of the client's replica of the public model (``ArrayRecord``)."""
+
+STATE_REPLICA_META_KEY: Final = "osd.replica-meta"
+"""``context.state`` key of the replica's ``version`` and ``digest`` (``ConfigRecord``)."""
 
 STATE_CLIENT_KEY: Final = "osd.client"
 """``context.state`` key of the mod's own flags (``ConfigRecord``)."""
@@ -405,3 +440,81 @@ def array_to_tensor(array: Array) -> torch.Tensor:
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ``ArrayRecord`` as ``{name: torch.Tensor}`` (writable copies, one tensor deserialized at a time)."""
     return {name: array_to_tensor(array) for name, array in record.items()}
+
+
+# --- compressed downlink ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownlinkInfo:
+    """What a downlink message says: the public model's version and digest, and the chain (None = dense)."""
+
+    version: int
+    digest: str
+    base: int
+    chain: list[Broadcast] | None
+
+
+def downlink_records(
+    version: int, digest: str, chain: list[Broadcast] | None
+) -> tuple[ConfigRecord, ArrayRecord | None]:
+    """The records of one downlink message: its ``ConfigRecord`` and, for a chain, the broadcasts' record."""
+    base = chain[0].version - 1 if chain else (version if chain is not None else -1)
+    meta = ConfigRecord(
+        {
+            "version": int(version),
+            "digest": digest,
+            "base": int(base),
+            "digests": [b.digest for b in chain] if chain else [],
+        }
+    )
+    if chain is None:
+        return meta, None
+    arrays = {
+        str(b.version): Array(dtype="uint8", shape=(len(b.blob),), stype=PAYLOAD_STYPE, data=bytes(b.blob))
+        for b in chain
+    }
+    return meta, ArrayRecord(arrays)
+
+
+def read_downlink(content: Any, *, max_bytes: int | None = None) -> DownlinkInfo | None:
+    """The downlink part of a message's content, checked; None when the message has none.
+
+    Raises
+    ------
+    PayloadError
+        Naming what is malformed: a missing or mistyped field, versions that
+        do not follow each other, a payload array with the wrong framing.
+    """
+    if DOWNLINK_RECORD_KEY not in content:
+        return None
+    meta = content[DOWNLINK_RECORD_KEY]
+    if not isinstance(meta, ConfigRecord):
+        raise PayloadError(f"record {DOWNLINK_RECORD_KEY!r}: expected a ConfigRecord, got {type(meta).__name__}")
+    fields = {"version": int, "digest": str, "base": int, "digests": list}
+    for name, kind in fields.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise PayloadError(f"record {DOWNLINK_RECORD_KEY!r}: field {name!r} missing or not {kind.__name__}")
+    version, digest, base = int(meta["version"]), str(meta["digest"]), int(meta["base"])  # type: ignore[arg-type]
+    digests = list(meta["digests"])  # type: ignore[arg-type]
+    if BROADCAST_RECORD_KEY not in content:
+        if base != -1 or digests:
+            raise PayloadError(f"record {DOWNLINK_RECORD_KEY!r}: a chain from version {base} but no broadcasts")
+        return DownlinkInfo(version, digest, base, None)
+    record = content[BROADCAST_RECORD_KEY]
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"record {BROADCAST_RECORD_KEY!r}: expected an ArrayRecord, got {type(record).__name__}")
+    names = list(record.keys())
+    expected = [str(v) for v in range(base + 1, version + 1)]
+    if base < 0 or names != expected or len(digests) != len(names):
+        raise PayloadError(
+            f"record {BROADCAST_RECORD_KEY!r}: broadcasts {names} with {len(digests)} digests do not lead "
+            f"from version {base} to {version}"
+        )
+    chain = []
+    for name, step_digest in zip(names, digests, strict=True):
+        blob = record_to_payload(ArrayRecord({PAYLOAD_ARRAY_KEY: record[name]}), max_bytes=max_bytes)
+        chain.append(Broadcast(int(name), blob, str(step_digest)))
+    if chain and chain[-1].digest != digest:
+        raise PayloadError(f"record {DOWNLINK_RECORD_KEY!r}: the last step's digest is not the model's")
+    return DownlinkInfo(version, digest, base, chain)

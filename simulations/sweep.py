@@ -90,6 +90,13 @@ class SweepConfig:
         default_factory=dict,
         metadata={"help": "CompressionConfig overrides for every method (a method's own spec wins)."},
     )
+    downlink: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "CompressionConfig of the compressed broadcast (OSDStrategy(downlink=...)); "
+            "empty = the dense model goes down, as in Flower."
+        },
+    )
     method_ranks: Mapping[str, tuple[int, ...]] = field(
         default_factory=dict,
         metadata={"help": "Per-method rank lists that replace `ranks` for those methods (ablations at few budgets)."},
@@ -331,6 +338,7 @@ def _run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
             cfg.rounds,
             fraction_train=cfg.fraction_train,
             server_lr=cfg.server_lr,
+            downlink=CompressionConfig.from_mapping(cfg.downlink) if cfg.downlink else None,
             on_round=functools.partial(_progress, bar, rid),
         )
         records = [{"run": rid, "method": method, "rank": rank, "seed": seed, **_plain(row)} for row in rows]
@@ -475,6 +483,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
     ap.add_argument(
         "--compression", action="append", default=[], metavar="KEY=VALUE", help="CompressionConfig override"
     )
+    ap.add_argument(
+        "--downlink",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compress the broadcast too: CompressionConfig of the downlink (e.g. method=osd rank=4)",
+    )
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset]
     changes: dict[str, Any] = {}
@@ -497,7 +512,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise SystemExit(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
         changes["shard"] = (int(i), int(n))
-    for name, items in (("task", args.task), ("compression", args.compression)):
+    for name, items in (("task", args.task), ("compression", args.compression), ("downlink", args.downlink)):
         if items:
             merged = dict(getattr(cfg, name))
             for item in items:

@@ -200,6 +200,7 @@ def run_text_fl(
     grid: Grid | None = None,
     fraction_train: float = 1.0,
     server_lr: float = 1.0,
+    downlink: CompressionConfig | None = None,
     on_round: Callable[[RoundRow], None] | None = None,
     quiet: bool = True,
 ) -> list[RoundRow]:
@@ -219,6 +220,8 @@ def run_text_fl(
         Share of clients sampled per round.
     server_lr
         Server learning rate applied to the averaged update.
+    downlink
+        Compress the broadcast with these settings (``OSDStrategy(downlink=...)``); None = dense.
     on_round
         Called with each row as soon as it is measured (progress bars).
     quiet
@@ -229,7 +232,7 @@ def run_text_fl(
     if quiet:
         flwr_logger.setLevel(logging.WARNING)
     try:
-        return _run_text_fl(task_config, compression, num_rounds, grid, fraction_train, server_lr, on_round)
+        return _run_text_fl(task_config, compression, num_rounds, grid, fraction_train, server_lr, downlink, on_round)
     finally:
         flwr_logger.setLevel(level)  # the caller's logging, as it was
 
@@ -241,6 +244,7 @@ def _run_text_fl(
     grid: Grid | None,
     fraction_train: float,
     server_lr: float,
+    downlink: CompressionConfig | None,
     on_round: Callable[[RoundRow], None] | None,
 ) -> list[RoundRow]:
     task = get_task(task_config)
@@ -257,7 +261,9 @@ def _run_text_fl(
     )
     # The strategy samples nodes with its own generator seeded here, so the sampled nodes and
     # the order replies are summed in (hence every float) repeat with the seed.
-    strategy = OSDStrategy(inner, config=compression, server_lr=server_lr, sampling_seed=task_config.seed)
+    strategy = OSDStrategy(
+        inner, config=compression, server_lr=server_lr, sampling_seed=task_config.seed, downlink=downlink
+    )
     rows: list[RoundRow] = []
     clock = [time.perf_counter()]
 

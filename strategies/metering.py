@@ -17,6 +17,9 @@ What is counted
     The ``Array.data`` bytes inside the message: the dense global model going
     down, the OSD payload coming up. ``message_bytes - payload_bytes`` is
     Flower's framing (metadata, record keys, array headers, metrics, config).
+    This is how FlowerTune's leaderboard counts communication (the array
+    bytes of the train instructions and replies), so ``payload-bytes-down``
+    / ``payload-bytes-up`` compare with it directly.
 
 Every message is counted once, per server round (set by the strategy with
 :meth:`ByteMeter.begin_round`), per phase (the message type: ``train``,

@@ -8,9 +8,14 @@ Two bounds, either or both (:class:`NormBound`):
   ``relative x`` :func:`reference_norm` of the round's valid norms is
   rejected, and the round is summed from the replies within it.
 
-Norms are float64 from the factors (:func:`strategies.replies.update_norm`),
-the same with any torch thread count, so a decision never hinges on BLAS
-rounding.
+Norms are float64 from the factors (:func:`strategies.replies.update_norm`,
+``||A B||_F^2 = sum((A^T A) * (B B^T))``), the same with any torch thread
+count and without rebuilding anything, so a decision never hinges on BLAS
+rounding. The relative bound needs the round's reference before any update
+can be added: the first pass keeps only each reply's norm (a float per
+reply), a second pass parses the replies within the bound again and adds
+them; memory stays O(model) plus O(1) per reply. The round's metrics carry
+``update-norm-median`` (the plain median) and ``norm-threshold``.
 """
 
 from __future__ import annotations

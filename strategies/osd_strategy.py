@@ -66,12 +66,21 @@ from osd_fl.records import (
     record_specs,
 )
 from strategies.aggregation import Aggregator, FactorSum, RoundInputs, Valid, resum, zeros
+from strategies.downlink import Downlink
 from strategies.metering import ByteMeter, MeteredGrid
 from strategies.metrics import clean_reply, merge_metrics
 from strategies.norm_bound import NormBound
 from strategies.privacy import check_inner_strategy_privacy, check_train_config_privacy
 from strategies.replies import MAX_WEIGHT, ReplyRejected, check_evaluate_replies, check_reply
-from strategies.reporting import FederationStalled, History, Rejection, RejectionLog, StallTracker, new_counts
+from strategies.reporting import (
+    FederationStalled,
+    History,
+    Rejection,
+    RejectionLog,
+    StallTracker,
+    log_settings,
+    new_counts,
+)
 from strategies.safety import InnerGuard, check_inner_strategy
 
 __all__ = ["MAX_WEIGHT", "FederationStalled", "OSDStrategy", "Rejection"]
@@ -136,6 +145,11 @@ class OSDStrategy(Strategy):
         weighted mean (see :func:`strategies.safety.check_inner_strategy`).
         Robust aggregators (FedMedian, trimmed mean, Krum, Bulyan) and
         q-FedAvg are always refused.
+    downlink
+        Compress the broadcast too (:mod:`strategies.downlink`): a
+        :class:`~osd_fl.config.CompressionConfig` of its own (method, rank), or
+        a :class:`~strategies.downlink.Downlink` for its other knobs. Off by
+        default: the dense model goes down, as in Flower.
 
     Notes
     -----
@@ -147,34 +161,20 @@ class OSDStrategy(Strategy):
     replied. If none is accepted the global model is unchanged. See
     ``docs/security.md``.
 
-    Safe range: no reply's rebuilt value may exceed
-    :func:`osd_fl.checks.value_limit` of the model's dtype (64 in float16,
-    2**62 in float32), and the new model, before and after the inner
-    strategy's step, must be finite with no value beyond that limit unless
-    it was already there and did not grow. If the round's mean breaks the
-    rule, the reply pushing hardest at the offending entries is left out
-    (``rejected``, ``rejected-range``) and the round is summed again without
-    it, until the rule holds; a rejected inner step is rolled back (the
-    inner strategy's attributes restored), so its optimizer state never
-    holds a step that was not taken. If no reply is to blame (an inner
-    optimizer's own momentum carries the model out), the round is kept out
-    (``round-kept-out``) and counts towards ``max_stalled_rounds``.
+    Safe range (:mod:`strategies.safety`): no rebuilt value, and no value of
+    the new model, may exceed :func:`osd_fl.checks.value_limit` of its dtype
+    (64 in float16, 2**62 in float32) unless it was already there. If the
+    round's mean breaks the rule, the reply pushing hardest at the offending
+    entries is left out (``rejected-range``) and the round summed again; a
+    rejected inner step is rolled back. With no reply to blame the round is
+    kept out (``round-kept-out``; it counts towards ``max_stalled_rounds``).
 
-    Norm bounds: the norm is the L2 norm of the decoded update over every
-    floating tensor, computed in float64 NumPy from the factors
-    (``||A B||_F^2 = sum((A^T A) * (B B^T))``), so it is the same with any
-    torch thread count and costs no rebuild. ``norm_bound_relative`` needs
-    the round's reference before any update can be added: the first pass
-    keeps only each reply's norm (a float per reply), a second pass parses
-    the replies within the bound again and adds them. Memory stays O(model)
-    plus O(1) per reply. Rejected outliers count as ``rejected`` and
-    ``rejected-norm``; the round's metrics carry ``update-norm-median`` (the
-    plain median) and ``norm-threshold``.
+    Norm bounds (:mod:`strategies.norm_bound`): float64 norms from the
+    factors, no rebuild; rejected outliers count as ``rejected`` and
+    ``rejected-norm``; the metrics carry ``update-norm-median`` and ``norm-threshold``.
 
-    Client metrics are checked per reply (:mod:`strategies.metrics`): an
-    entry that is not a finite number, or has an over-long or reserved name
-    (``round``, ``accepted``, ``bytes-up``, ...), is dropped and counted in
-    ``metrics-dropped``; the reply itself is kept.
+    Client metrics (:mod:`strategies.metrics`): a non-finite, over-long or
+    reserved entry is dropped (counted in ``metrics-dropped``); the reply is kept.
 
     Tuning: the compression knobs live in :class:`~osd_fl.config.CompressionConfig`
     (turn ``rank`` first, then ``value_dtype``, then ``relax``). The server
@@ -182,10 +182,9 @@ class OSDStrategy(Strategy):
     averaged update, which can offset the shrinkage of a low-rank update
     without error feedback; start at 1.0.
 
-    Floating tensors are aggregated; integer buffers (e.g. BatchNorm's
-    ``num_batches_tracked``) are not sent by the client mod and keep their
-    global value. The new global model keeps the dtypes of the old one, also
-    where an inner server optimizer (Flower's FedAdam) returns float64.
+    Floating tensors are aggregated; integer buffers (BatchNorm's
+    ``num_batches_tracked``) keep their global value. The new model keeps the
+    old one's dtypes, also where an inner optimizer (FedAdam) returns float64.
     """
 
     def __init__(
@@ -203,6 +202,7 @@ class OSDStrategy(Strategy):
         max_stalled_rounds: int = 3,
         sampling_seed: int | None = None,
         trust_custom_inner: bool = False,
+        downlink: CompressionConfig | Downlink | None = None,
     ) -> None:
         super().__init__()
         if not math.isfinite(server_lr) or server_lr <= 0:
@@ -234,6 +234,8 @@ class OSDStrategy(Strategy):
         self._global_round = -1
         self._sampled: set[int] = set()
         self._sent: list[Message] = []
+        self._sent_evaluate: list[Message] = []
+        self.downlink = Downlink(downlink) if isinstance(downlink, CompressionConfig) else downlink
 
     def __repr__(self) -> str:
         """Name the wrapper and what it wraps."""
@@ -283,14 +285,10 @@ class OSDStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the compression settings, then the inner strategy's summary."""
-        log.info("\t├──> OSD compression (uplink):")
-        for name, value in self.config.to_dict().items():
-            log.info("\t│\t├── %s: %s", name, value)
-        log.info("\t│\t├── norm_bound: %s", self.norm_bound)
-        log.info("\t│\t├── norm_bound_relative: %s", self.norm_bound_relative)
-        log.info("\t│\t├── min_accepted: %s", self.min_accepted)
-        log.info("\t│\t├── max_stalled_rounds: %s", self.max_stalled_rounds)
-        log.info("\t│\t└── server_lr: %s", self.server_lr)
+        down = self.downlink.config.to_dict() if self.downlink is not None else None
+        extra = {"norm_bound": self.norm_bound, "norm_bound_relative": self.norm_bound_relative}
+        extra.update(min_accepted=self.min_accepted, max_stalled_rounds=self.max_stalled_rounds)
+        log_settings(self.config.to_dict(), {**extra, "server_lr": self.server_lr, "downlink": down})
         self.inner.summary()
 
     def start(
@@ -332,11 +330,13 @@ class OSDStrategy(Strategy):
         """Add the ``osd.*`` settings to ``config``; the inner strategy builds the messages."""
         check_train_config_privacy(self.inner, config, grid)  # a DP wrapper around this strategy
         self.meter.begin_round(server_round)
-        self._global = arrays
+        self._global = arrays if self.downlink is None else self.downlink.prepare(arrays)
         self._global_round = server_round
         for key, value in config_to_record(self.config).items():
             config[key] = value
         messages = list(self._guard.call(self.inner.configure_train, server_round, arrays, config, grid))
+        if self.downlink is not None:
+            messages = self.downlink.rewrite(server_round, arrays, messages)
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
         self._sent = messages  # the grid stamps their message ids when it pushes them
         return messages
@@ -369,8 +369,12 @@ class OSDStrategy(Strategy):
         extra: dict[str, float] = {}
         arrays: ArrayRecord | None = None
         client_metrics: MetricRecord | None = None
+        replies = list(replies)
+        if self.downlink is not None:
+            self.downlink.observe(server_round, self._sent, replies)
+            extra.update({k: float(v) for k, v in self.downlink.counts.round(server_round).items()})
         try:
-            arrays, client_metrics = self._aggregate(server_round, list(replies), counts, extra)
+            arrays, client_metrics = self._aggregate(server_round, replies, counts, extra)
         except Exception:  # one bad round must not end the ServerApp
             log.exception("round %d: aggregation failed; the global model is left unchanged", server_round)
             arrays = None
@@ -382,9 +386,13 @@ class OSDStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the inner strategy (the global model goes down dense)."""
+        """Delegate to the inner strategy (the global model goes down dense, or as broadcasts with a downlink)."""
         self.meter.begin_round(server_round)
-        return list(self._guard.call(self.inner.configure_evaluate, server_round, arrays, config, grid))
+        messages = list(self._guard.call(self.inner.configure_evaluate, server_round, arrays, config, grid))
+        if self.downlink is not None and messages:
+            messages = self.downlink.rewrite(server_round, arrays, messages)
+        self._sent_evaluate = messages
+        return messages
 
     def aggregate_evaluate(
         self,
@@ -401,6 +409,8 @@ class OSDStrategy(Strategy):
         cannot make Flower skip the others' metrics.
         """
         replies = list(replies)
+        if self.downlink is not None:
+            self.downlink.observe(server_round, self._sent_evaluate, replies)
         harmonised, dropped, left_out = check_evaluate_replies(replies, self.weighted_by_key)
         for node, reason in left_out:
             self._log.reject(server_round, node, reason, kind="evaluate")

@@ -36,7 +36,7 @@ from osd_fl.records import (
 from strategies.metering import ByteMeter
 from strategies.metrics import printable
 
-__all__ = ["FederationStalled", "History", "Rejection", "RejectionLog", "StallTracker", "new_counts"]
+__all__ = ["FederationStalled", "History", "Rejection", "RejectionLog", "StallTracker", "log_settings", "new_counts"]
 
 # A child of Flower's logger, so messages show in the ServerApp's console like Flower's own.
 log = logging.getLogger("flwr.osd.strategy")
@@ -67,6 +67,14 @@ class FederationStalled(RuntimeError):
     The message names the most frequent reason replies were rejected or
     failed in those rounds.
     """
+
+
+def log_settings(compression: dict[str, Any], server: dict[str, Any]) -> None:
+    """Log the strategy's settings as Flower logs a strategy summary: compression first, then the server's own."""
+    log.info("\t├──> OSD compression (uplink):")
+    items = [*compression.items(), *server.items()]
+    for k, (name, value) in enumerate(items):
+        log.info("\t│\t%s── %s: %s", "└" if k == len(items) - 1 else "├", name, value)
 
 
 def new_counts(bounds_norm: bool) -> dict[str, int]:

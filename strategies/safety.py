@@ -8,7 +8,11 @@
   weighting (q-FedAvg): those are refused.
 * :func:`out_of_range`: the rule the new model must satisfy: finite, and no
   value above :func:`osd_fl.checks.value_limit` of its dtype unless it was
-  already there and did not grow.
+  already there and did not grow. When a round's mean breaks it, the
+  strategy leaves out the reply pushing hardest at the offending entries
+  (``rejected``, ``rejected-range``) and sums the round again, until the
+  rule holds; if no reply is to blame (an inner optimizer's own momentum
+  carries the model out) the round is kept out (``round-kept-out``).
 * :class:`InnerGuard`: runs the inner strategy's calls with a private Python
   and NumPy random state (Flower samples nodes with the global ``random``
   and draws DP noise from NumPy's global generator; neither may move the
