@@ -41,6 +41,7 @@ from simulations.analysis import summarize, summary_markdown
 from simulations.devices import torch_threads
 from simulations.text import TextTaskConfig
 from simulations.text_fl import RoundRow, run_text_fl
+from strategies.downlink import Downlink
 
 __all__ = ["METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
 
@@ -69,6 +70,15 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "osd-fp16+ef": {"method": "osd", "value_dtype": "float16", "budget_dtype": "float32", "error_feedback": True},
     "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "budget_dtype": "float32"},
 }
+#: Sweep methods that compress the broadcast too: the uplink is METHOD_SPECS[name], the downlink
+#: this CompressionConfig (``server_ef=False``: no server-side error feedback, the ablation).
+DOWNLINK_SPECS: dict[str, dict[str, Any]] = {
+    "osd+down1": {"method": "osd", "rank": 1},
+    "osd+down2": {"method": "osd", "rank": 2},
+    "osd+down4": {"method": "osd", "rank": 4},
+    "osd+down4-noef": {"method": "osd", "rank": 4, "server_ef": False},
+}
+METHOD_SPECS.update({name: {"method": "osd"} for name in DOWNLINK_SPECS})
 RANK_FREE = frozenset(methods_with("rank_free"))
 
 
@@ -190,6 +200,26 @@ PRESETS: dict[str, SweepConfig] = {
         compression=CACHED_ERA,
         task={"num_clients": 8, "local_steps": 10},
     ),
+    # Compressed broadcast (issue 15) on the default (cached) task: dense FedAvg, OSD uplink only, and OSD
+    # both ways with a rank-1/2/4 broadcast (with and without server-side error feedback), all clients
+    # every round. "downlink-partial": 16 clients, 4 per round, so nodes skip rounds and catch up.
+    "downlink": SweepConfig(
+        name="downlink",
+        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
+        ranks=(1,),
+        seeds=(0, 1, 2),
+        rounds=20,
+        task={"num_clients": 8, "local_steps": 10},
+    ),
+    "downlink-partial": SweepConfig(
+        name="downlink-partial",
+        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
+        ranks=(1,),
+        seeds=(0, 1, 2),
+        rounds=20,
+        fraction_train=0.25,
+        task={"num_clients": 16, "local_steps": 10},
+    ),
     # Full-model fine-tuning (issue 14), where updates are far from low-rank: every encoder layer of
     # MiniLM trained (embeddings frozen, so they travel as ZERO records), 4 clients x 10 AdamW steps
     # at lr 1e-4 (chosen by a dense calibration, docs/results.md), 48 tokens, one torch thread.
@@ -273,6 +303,16 @@ def plan(cfg: SweepConfig) -> list[tuple[str, int, int]]:
     return runs
 
 
+def downlink_for(cfg: SweepConfig, method: str, seed: int) -> Downlink | None:
+    """The compressed broadcast of one run (``cfg.downlink`` under the method's own), or None (dense)."""
+    spec = {**cfg.downlink, **DOWNLINK_SPECS.get(method, {})}
+    if not spec:
+        return None
+    server_ef = spec.pop("server_ef", True)
+    server_ef = server_ef if isinstance(server_ef, bool) else str(server_ef).lower() in ("1", "true", "yes", "on")
+    return Downlink(CompressionConfig(seed=seed).replace(**spec), error_feedback=server_ef)
+
+
 def compression_for(cfg: SweepConfig, method: str, rank: int, seed: int) -> CompressionConfig:
     """The CompressionConfig of one run."""
     spec = {"value_dtype": cfg.value_dtype, **cfg.compression, **METHOD_SPECS[method]}
@@ -338,7 +378,7 @@ def _run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
             cfg.rounds,
             fraction_train=cfg.fraction_train,
             server_lr=cfg.server_lr,
-            downlink=CompressionConfig.from_mapping(cfg.downlink) if cfg.downlink else None,
+            downlink=downlink_for(cfg, method, seed),
             on_round=functools.partial(_progress, bar, rid),
         )
         records = [{"run": rid, "method": method, "rank": rank, "seed": seed, **_plain(row)} for row in rows]
@@ -375,14 +415,13 @@ def _plain(row: RoundRow) -> dict[str, Any]:
 Curves = dict[tuple[str, int], dict[int, list[tuple[float, float]]]]
 
 
-def _curves(rows: Sequence[Mapping[str, Any]]) -> Curves:
-    """(method, rank) -> round -> [(cumulative uplink bytes, test accuracy)] over seeds."""
+def _curves(rows: Sequence[Mapping[str, Any]], *, total: bool = False) -> Curves:
+    """(method, rank) -> round -> [(cumulative uplink (or up + down) bytes, test accuracy)] over seeds."""
     curves: Curves = {}
     for r in rows:
         key = (str(r["method"]), int(r["rank"]))
-        curves.setdefault(key, {}).setdefault(int(r["round"]), []).append(
-            (float(r["cum_bytes_up"]), float(r["test_accuracy"]))
-        )
+        sent = float(r["cum_bytes_up"]) + (float(r["cum_bytes_down"]) if total else 0.0)
+        curves.setdefault(key, {}).setdefault(int(r["round"]), []).append((sent, float(r["test_accuracy"])))
     return curves
 
 
@@ -415,9 +454,9 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
     markers = dict(zip(ranks, "os^Dvx*"))
     paths: list[Path] = []
 
-    def bytes_figure(keep: set[int] | None, path: Path, title: str) -> None:
+    def bytes_figure(keep: set[int] | None, path: Path, title: str, *, total: bool = False) -> None:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for (method, rank), by_round in sorted(curves.items()):
+        for (method, rank), by_round in sorted((_curves(rows, total=True) if total else curves).items()):
             if keep is not None and rank not in keep:
                 continue
             pts = [
@@ -429,11 +468,13 @@ def plot(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]
                 continue
             label = method if rank == 0 else f"{method} r={rank}"
             ax.plot(*zip(*pts), marker=markers.get(rank, "."), ms=3, lw=1.2, color=colors[method], label=label)
-        labels = ("cumulative uplink bytes (Flower messages, all clients)", "central test accuracy", title)
+        what = "uplink + downlink" if total else "uplink"
+        labels = (f"cumulative {what} bytes (Flower messages, all clients)", "central test accuracy", title)
         paths.append(_save(fig, ax, path, labels, log_x=True, legend={"fontsize": 6, "ncol": 2}))
         plt.close(fig)
 
     bytes_figure(None, out / "accuracy_vs_bytes.png", "Accuracy vs uplink bytes")
+    bytes_figure(None, out / "accuracy_vs_total_bytes.png", "Accuracy vs total bytes (both directions)", total=True)
     if len(ranks) > 1:  # the full figure is crowded: one per rank, with the rank-free methods
         for rank in ranks:
             bytes_figure({0, rank}, out / f"accuracy_vs_bytes_r{rank}.png", f"Accuracy vs uplink bytes (rank {rank})")

@@ -39,6 +39,7 @@ from simulations.devices import seeded
 from simulations.federation import run_federation
 from simulations.text import TextTask, TextTaskConfig, evaluate, loss_fn, make_optimizer, train_epoch
 from strategies import OSDStrategy
+from strategies.downlink import Downlink
 from strategies.local_grid import LocalGrid
 
 __all__ = ["RoundRow", "evaluate_fn", "get_task", "make_client_app", "run_text_fl", "run_text_server", "train"]
@@ -200,7 +201,7 @@ def run_text_fl(
     grid: Grid | None = None,
     fraction_train: float = 1.0,
     server_lr: float = 1.0,
-    downlink: CompressionConfig | None = None,
+    downlink: CompressionConfig | Downlink | None = None,
     on_round: Callable[[RoundRow], None] | None = None,
     quiet: bool = True,
 ) -> list[RoundRow]:
@@ -244,7 +245,7 @@ def _run_text_fl(
     grid: Grid | None,
     fraction_train: float,
     server_lr: float,
-    downlink: CompressionConfig | None,
+    downlink: CompressionConfig | Downlink | None,
     on_round: Callable[[RoundRow], None] | None,
 ) -> list[RoundRow]:
     task = get_task(task_config)

@@ -78,3 +78,17 @@ def test_method_ranks_restrict_an_ablation_to_its_ranks() -> None:
     assert osd_ranks == set(cfg.ranks) == {1, 2, 4, 8}
     assert {rank for method, rank, _ in runs if method == "dense"} == {0}
     assert {seed for *_, seed in runs} == set(cfg.seeds)
+
+
+def test_downlink_methods_compress_the_broadcast_and_the_total_bytes_plot_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "down"
+    args = ["--preset", "quick", "--out", str(out), "--threads", "1", "--rounds", "3"]
+    assert main([*args, "--methods", "dense,osd,osd+down1,osd+down4-noef"]) == 0
+    assert (out / "accuracy_vs_total_bytes.png").stat().st_size > 0
+    final = {r["run"]: r for r in _rows(out / "rounds.csv") if r["round"] == "3"}
+    dense_down = int(final["osd_r1_s0"]["cum_bytes_down"])
+    compressed = int(final[run_id("osd+down1", 1, 0)]["cum_bytes_down"])
+    # round 1 is a dense sync; rounds 2 and 3 go down as rank-1 broadcasts, a small share of the model
+    assert compressed < 0.5 * dense_down
+    # OSD's uplink leaves the downlink alone (the config records differ by the method names' length)
+    assert abs(int(final["dense_r0_s0"]["cum_bytes_down"]) - dense_down) < 100
