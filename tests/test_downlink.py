@@ -18,6 +18,7 @@ from osd_fl.downlink import (
     apply_chain,
     model_digest,
 )
+from simulations.bench.downlink import main as bench_main
 from simulations.devices import torch_threads
 
 CONFIG = CompressionConfig(method="osd", rank=2)
@@ -169,3 +170,11 @@ def test_an_unchanged_model_costs_next_to_nothing() -> None:
     b = server.publish(_copy(x))
     assert b.nbytes < 400 and not b.exact
     assert server.digest == model_digest(x)
+
+
+def test_downlink_bench_runs_and_its_replica_matches(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main(["--models", "minilm", "--ranks", "1", "--rounds", "2", "--max-wait", "0"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| minilm | 1 |"))
+    share = float(row.split("|")[5].strip().rstrip("%"))
+    assert 0 < share < 2.0  # a rank-1 broadcast of MiniLM's encoder is about 1% of the dense model
