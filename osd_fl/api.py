@@ -84,8 +84,8 @@ def _fixed_and_matrix_bytes(
         shapes,
         cfg.method,
         cfg.rank,
-        cfg.value_bytes,
-        budget_value_bytes=cfg.budget_value_bytes,
+        cfg.value_dtype,
+        budget_dtype=cfg.budget_value_dtype,
         dense={k for k, r in routes.items() if r == Route.DENSE},
         compressed={k for k, r in routes.items() if r == Route.COMPRESS},
     )
@@ -275,7 +275,7 @@ def _encode_matrices(
         return {rec.name: rec for rec in comp.encode_global(items, limit - fixed, state)}
     return {
         item.name: comp.encode_matrix(
-            item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_bytes), state
+            item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_dtype), state
         )
         for item in items
     }

@@ -34,7 +34,18 @@ import numpy.typing as npt
 import torch
 
 from osd_fl import sizes
-from osd_fl.dtypes import FP16_MAX, QUANT8_SCALE, QUANT8_VALUE, TENSOR_CODES, TORCH_DTYPES, VALUE_CODES, VALUE_WIRE
+from osd_fl.dtypes import (
+    FP16_MAX,
+    INT8_BLOCK,
+    INT8_SCALE,
+    INT8_WIRE,
+    QUANT8_SCALE,
+    QUANT8_VALUE,
+    TENSOR_CODES,
+    TORCH_DTYPES,
+    VALUE_CODES,
+    VALUE_WIRE,
+)
 from osd_fl.dtypes import dtype_name as _dtype_name
 from osd_fl.errors import PayloadError
 from osd_fl.payload import Kind, Payload, Section, TensorRecord
@@ -71,7 +82,22 @@ TensorSpec = tuple[Sequence[int], "torch.dtype | str"]
 # ------------------------------------------------------------------------ encoding
 
 
+def _int8_bytes(values: npt.NDArray[np.float32]) -> bytes:
+    """Blocks of :data:`INT8_BLOCK` values: all the blocks' float32 scales, then every value as int8."""
+    count = int(values.size)
+    nblocks = -(-count // INT8_BLOCK)
+    padded = np.zeros(nblocks * INT8_BLOCK, dtype=np.float32)
+    padded[:count] = values
+    blocks = padded.reshape(nblocks, INT8_BLOCK)
+    scales = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(INT8_WIRE).reshape(-1)[:count]
+    return bytes(scales.astype(INT8_SCALE).tobytes()) + bytes(q.tobytes())
+
+
 def _values_bytes(values: npt.NDArray[np.float32], value_dtype: str) -> bytes:
+    if value_dtype == "int8":
+        return _int8_bytes(values)
     if value_dtype == "float16":
         return np.clip(values, -FP16_MAX, FP16_MAX).astype(VALUE_WIRE[value_dtype]).tobytes()
     return values.astype(VALUE_WIRE[value_dtype]).tobytes()
@@ -197,6 +223,17 @@ def _check_values(values: npt.NDArray[np.float32], field: str) -> None:
 
 
 def _read_values(reader: _Reader, count: int, value_dtype: str, field: str) -> npt.NDArray[np.float32]:
+    if value_dtype == "int8":
+        nblocks = -(-count // INT8_BLOCK)
+        scales = np.frombuffer(reader.take(nblocks * INT8_SCALE.itemsize, f"{field} scales"), dtype=INT8_SCALE)
+        if scales.size and not bool(np.all((scales >= 0) & (scales <= VALUE_LIMIT / 127))):
+            raise PayloadError(
+                f"{field}: int8 block scales must be in [0, {VALUE_LIMIT / 127:.3g}] (NaN/Inf, negative or huge)"
+            )
+        q = np.frombuffer(reader.take(count, f"{field} int8 values"), dtype=INT8_WIRE)
+        if q.size and int(q.min()) < -127:
+            raise PayloadError(f"{field}: int8 value -128 is not produced by the encoder (range is -127..127)")
+        return (q.astype(np.float32) * np.repeat(scales, INT8_BLOCK)[:count]).astype(np.float32)
     raw = reader.take(count * sizes.value_bytes(value_dtype), f"{field} values")
     values = np.frombuffer(raw, dtype=VALUE_WIRE[value_dtype]).astype(np.float32)
     _check_values(values, f"{field} values")
@@ -221,7 +258,7 @@ def _read_section(reader: _Reader, slots: int, value_dtype: str, field: str) -> 
     elif param != 0:
         raise PayloadError(f"{field}: parameter must be 0 for coding {coding.name}")
     nbytes = position_bytes(coding, count, slots, param)
-    value_bytes = count * sizes.value_bytes(value_dtype)
+    value_bytes = sizes.values_bytes(count, value_dtype)
     if nbytes + value_bytes > reader.remaining:
         # Checked before any position is unpacked: a count the payload's bytes
         # cannot back is refused without allocating anything for it.

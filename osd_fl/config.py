@@ -39,7 +39,7 @@ __all__ = [
     "ValueDType",
 ]
 
-ValueDType = Literal["float32", "float16"]
+ValueDType = Literal["float32", "float16", "int8"]
 BudgetDType = Literal["value", "float32", "float16"]
 ImportanceForm = Literal["grad", "taylor", "fisher", "obd", "ones", "adam"]
 BudgetMode = Literal["matrix", "global"]
@@ -118,7 +118,10 @@ class CompressionConfig(Settings):
     )
     value_dtype: ValueDType = field(
         default="float32",
-        metadata={"help": "Precision of every transmitted value, for every method alike: float32 or float16."},
+        metadata={
+            "help": "Precision of every transmitted value, for every method alike: float32, float16, or int8 "
+            "(blocks of 64 values with one float32 scale each)."
+        },
     )
     budget_dtype: BudgetDType = field(
         default="value",
@@ -211,6 +214,6 @@ class CompressionConfig(Settings):
         return value_bytes(self.value_dtype)
 
     @property
-    def budget_value_bytes(self) -> int:
-        """Bytes per value at which a matrix's rank-r budget is priced (``budget_dtype``)."""
-        return self.value_bytes if self.budget_dtype == "value" else value_bytes(self.budget_dtype)
+    def budget_value_dtype(self) -> str:
+        """The value dtype a matrix's rank-r budget is priced in (``budget_dtype``, or ``value_dtype``)."""
+        return self.value_dtype if self.budget_dtype == "value" else self.budget_dtype

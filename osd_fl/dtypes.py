@@ -2,9 +2,10 @@
 
 Two kinds of dtype meet in a payload:
 
-* the *value dtype* every transmitted value travels in (``float32`` or
-  ``float16``, the same for every method; :data:`VALUE_CODES`,
-  :data:`VALUE_WIRE`);
+* the *value dtype* every transmitted value travels in (``float32``,
+  ``float16`` or ``int8``, the same for every method; :data:`VALUE_CODES`,
+  :data:`VALUE_WIRE`; ``int8`` values go in blocks of :data:`INT8_BLOCK`,
+  each with one float32 scale, :data:`INT8_SCALE`);
 * the *tensor dtype* each rebuilt tensor has (its original floating dtype;
   :data:`TENSOR_CODES`, :data:`TORCH_DTYPES`).
 
@@ -19,6 +20,9 @@ import torch
 
 __all__ = [
     "FP16_MAX",
+    "INT8_BLOCK",
+    "INT8_SCALE",
+    "INT8_WIRE",
     "QUANT8_SCALE",
     "QUANT8_VALUE",
     "TENSOR_CODES",
@@ -31,11 +35,16 @@ __all__ = [
 ]
 
 #: Value dtype name <-> its code in the payload header.
-VALUE_CODES: dict[str, int] = {"float32": 0, "float16": 1}
+VALUE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "int8": 2}
 #: Value dtype name -> the little-endian numpy dtype its values are written in.
 VALUE_WIRE: dict[str, np.dtype[np.floating]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 #: Largest finite float16; float16 values are clipped to it before they are written.
 FP16_MAX = 65504.0
+#: ``int8`` values: each block of this many values of a section is written as one float32
+#: scale (its largest magnitude / 127) and the values rounded to multiples of it.
+INT8_BLOCK = 64
+INT8_SCALE: np.dtype[np.float32] = np.dtype("<f4")
+INT8_WIRE: np.dtype[np.int8] = np.dtype(np.int8)
 
 #: Original dtype of a tensor <-> its code on the wire.
 TENSOR_CODES: dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}

@@ -14,7 +14,7 @@ from enum import Enum
 
 from osd_fl.config import CompressionConfig
 from osd_fl.payload import matrix_dims
-from osd_fl.sizes import matrix_budget
+from osd_fl.sizes import matrix_budget, values_bytes
 
 __all__ = ["Route", "plan_routes"]
 
@@ -42,7 +42,9 @@ def plan_routes(
             continue
         n, d = matrix_dims(shape)
         small = len(shape) < 2 or n * d < max(config.min_numel, 1)
-        if small or matrix_budget(n, d, config.rank, config.budget_value_bytes) >= n * d * config.value_bytes:
+        if small or matrix_budget(n, d, config.rank, config.budget_value_dtype) >= values_bytes(
+            n * d, config.value_dtype
+        ):
             routes[name] = Route.DENSE
         else:
             routes[name] = Route.COMPRESS

@@ -16,7 +16,7 @@ import math
 import struct
 from collections.abc import Collection, Mapping, Sequence
 
-from osd_fl.dtypes import QUANT8_SCALE, QUANT8_VALUE, VALUE_WIRE
+from osd_fl.dtypes import INT8_BLOCK, INT8_SCALE, INT8_WIRE, QUANT8_SCALE, QUANT8_VALUE, VALUE_WIRE
 from osd_fl.payload import Kind, Section, TensorRecord, matrix_dims
 from osd_fl.positions import best_coding, index_width
 
@@ -52,6 +52,7 @@ __all__ = [
     "total_dense_bytes",
     "unbudgeted_limit",
     "value_bytes",
+    "values_bytes",
 ]
 
 # --------------------------------------------------------------------- the layout
@@ -99,8 +100,29 @@ def dims(ndim: int) -> struct.Struct:
 
 
 def value_bytes(dtype_name: str) -> int:
-    """Bytes of one transmitted value in the value dtype ``dtype_name`` (4 for float32, 2 for float16)."""
+    """Bytes of one transmitted value in ``dtype_name`` (4 float32, 2 float16, 1 int8 before its block scales)."""
+    if dtype_name == "int8":
+        return INT8_WIRE.itemsize
     return VALUE_WIRE[dtype_name].itemsize
+
+
+def values_bytes(count: int, dtype_name: str) -> int:
+    """Exact bytes of ``count`` values of one section in ``dtype_name`` (int8: with one scale per block)."""
+    if dtype_name == "int8":
+        return count * INT8_WIRE.itemsize + -(-count // INT8_BLOCK) * INT8_SCALE.itemsize
+    return count * value_bytes(dtype_name)
+
+
+def _scale_reserve(room: int, sections: int, dtype_name: str) -> int:
+    """``room`` less what int8 block scales of ``sections`` sections can take (nothing for floats).
+
+    Each section of ``c`` values has at most ``c / INT8_BLOCK + 1`` scales of 4 bytes, so the
+    values and positions selected at one byte a value fit when they get ``(room - 4 S) * B / (B + 4)``.
+    """
+    if dtype_name != "int8" or room <= 0:
+        return room
+    per = INT8_SCALE.itemsize
+    return max(0, (room - per * sections) * INT8_BLOCK // (INT8_BLOCK + per))
 
 
 def header_bytes(method: str) -> int:
@@ -120,7 +142,7 @@ def section_bytes(section: Section, value_dtype: str) -> int:
     """Exact encoded bytes of one section: header, positions and values."""
     count = section.count
     positions = 0 if section.positions is None else best_coding(count, section.slots)[2]
-    return SECTION_HEADER + positions + count * value_bytes(value_dtype)
+    return SECTION_HEADER + positions + values_bytes(count, value_dtype)
 
 
 def selection_bytes(counts: Sequence[int], slots: Sequence[int], value_bytes: int) -> int:
@@ -128,14 +150,17 @@ def selection_bytes(counts: Sequence[int], slots: Sequence[int], value_bytes: in
     return sum(best_coding(c, m)[2] + c * value_bytes for c, m in zip(counts, slots, strict=True))
 
 
-def factor_room(budget: int, matrices: int = 1) -> int:
-    """Bytes left for the positions and values of ``matrices`` low-rank records' factors within ``budget``."""
-    return budget - LOWRANK_OVERHEAD * matrices
+def factor_room(budget: int, matrices: int = 1, value_dtype: str = "float32") -> int:
+    """Bytes left for the positions and values of ``matrices`` low-rank records' factors within ``budget``.
+
+    With ``int8`` values, what their block scales may take is set aside first.
+    """
+    return _scale_reserve(budget - LOWRANK_OVERHEAD * matrices, 2 * matrices, value_dtype)
 
 
-def entries_room(budget: int, matrices: int = 1) -> int:
-    """Bytes left for the positions and values of ``matrices`` sparse records within ``budget``."""
-    return budget - SPARSE_OVERHEAD * matrices
+def entries_room(budget: int, matrices: int = 1, value_dtype: str = "float32") -> int:
+    """Bytes left for the positions and values of ``matrices`` sparse records within ``budget`` (see factor_room)."""
+    return _scale_reserve(budget - SPARSE_OVERHEAD * matrices, matrices, value_dtype)
 
 
 # ----------------------------------------------------------------------- records
@@ -151,7 +176,7 @@ def record_body_bytes(rec: TensorRecord, value_dtype: str = "float32") -> int:
     if rec.kind == Kind.ZERO:
         return 0
     if rec.kind == Kind.DENSE:
-        return rec.sections[0].count * value_bytes(value_dtype)
+        return values_bytes(rec.sections[0].count, value_dtype)
     if rec.kind == Kind.LOWRANK:
         return RANK.size + sum(section_bytes(s, value_dtype) for s in rec.sections)
     if rec.kind == Kind.SPARSE:
@@ -169,24 +194,25 @@ def record_bytes(rec: TensorRecord, value_dtype: str = "float32") -> int:
 # ----------------------------------------------------------------------- budgets
 
 
-def matrix_budget(n: int, d: int, rank: int, value_bytes: int) -> int:
+def matrix_budget(n: int, d: int, rank: int, value_dtype: str) -> int:
     """Kind-specific bytes every method may spend on one ``n x d`` matrix.
 
     This is exactly what dense rank-``rank`` TruncSVD factors cost in our
-    format: ``rank * (n + d)`` values plus the low-rank record's fixed fields.
-    It is the paper's per-matrix budget ``32 * r * (n + d)`` bits, at the
-    configured value precision.
+    format: ``rank * (n + d)`` values (in ``value_dtype``, int8 with its
+    block scales) plus the low-rank record's fixed fields. It is the
+    paper's per-matrix budget ``32 * r * (n + d)`` bits, at the configured
+    value precision.
     """
-    return LOWRANK_OVERHEAD + rank * (n + d) * value_bytes
+    return LOWRANK_OVERHEAD + values_bytes(rank * n, value_dtype) + values_bytes(rank * d, value_dtype)
 
 
 def payload_parts(
     shapes: Mapping[str, Sequence[int]],
     method: str,
     rank: int,
-    value_bytes: int,
+    value_dtype: str,
     *,
-    budget_value_bytes: int | None = None,
+    budget_dtype: str | None = None,
     dense: Collection[str],
     compressed: Collection[str],
 ) -> tuple[int, int]:
@@ -194,8 +220,8 @@ def payload_parts(
 
     ``fixed``: the header, every record's header and the ``dense`` tensors'
     values; ``matrices``: the :func:`matrix_budget` of every ``compressed``
-    tensor seen as ``shape[0] x prod(shape[1:])``, priced at
-    ``budget_value_bytes`` per value (``value_bytes`` when None). Other
+    tensor seen as ``shape[0] x prod(shape[1:])``, priced in
+    ``budget_dtype`` (``value_dtype`` when None). Other
     tensors (skipped) cost only their record header.
     """
     fixed = header_bytes(method)
@@ -203,10 +229,10 @@ def payload_parts(
     for name, shape in shapes.items():
         fixed += record_header_bytes(name, len(shape))
         if name in dense:
-            fixed += math.prod(shape) * value_bytes
+            fixed += values_bytes(math.prod(shape), value_dtype)
         elif name in compressed:
             n, d = matrix_dims(shape)
-            matrices += matrix_budget(n, d, rank, value_bytes if budget_value_bytes is None else budget_value_bytes)
+            matrices += matrix_budget(n, d, rank, budget_dtype or value_dtype)
     return fixed, matrices
 
 

@@ -30,252 +30,20 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from osd_fl import CompressionConfig, methods_with
+from osd_fl import CompressionConfig
 from simulations.analysis import summarize, summary_markdown
 from simulations.devices import torch_threads
+from simulations.presets import CACHED_ERA, DOWNLINK_SPECS, METHOD_SPECS, PRESETS, RANK_FREE, SweepConfig
 from simulations.text import TextTaskConfig
 from simulations.text_fl import RoundRow, run_text_fl
 from strategies.downlink import Downlink
 
-__all__ = ["METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
-
-#: Sweep method name -> CompressionConfig fields. Methods without ``rank`` dependence run once per seed.
-METHOD_SPECS: dict[str, dict[str, Any]] = {
-    "dense": {"method": "dense"},
-    "fp16": {"method": "fp16"},
-    "int8": {"method": "int8"},
-    "topk": {"method": "topk"},
-    "topk+ef": {"method": "topk", "error_feedback": True},
-    "truncsvd": {"method": "truncsvd"},
-    "truncsvd+ef": {"method": "truncsvd", "error_feedback": True},
-    "magtruncsvd": {"method": "magtruncsvd"},
-    "powersgd+ef": {"method": "powersgd", "error_feedback": True},
-    "osd": {"method": "osd"},
-    "osd+ef": {"method": "osd", "error_feedback": True},
-    "osd-grad+ef": {"method": "osd", "importance": "grad", "error_feedback": True},
-    "osd-fixed-c": {"method": "osd", "adaptive": False},
-    "osd-grad": {"method": "osd", "importance": "grad"},
-    "osd-taylor": {"method": "osd", "importance": "taylor"},
-    "osd-fisher": {"method": "osd", "importance": "fisher"},
-    "osd-adam": {"method": "osd", "importance": "adam"},
-    "osd-obd": {"method": "osd", "importance": "obd"},
-    "osd-ones": {"method": "osd", "importance": "ones"},
-    "osd-fp16": {"method": "osd", "value_dtype": "float16", "budget_dtype": "float32"},
-    "osd-fp16+ef": {"method": "osd", "value_dtype": "float16", "budget_dtype": "float32", "error_feedback": True},
-    "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "budget_dtype": "float32"},
-}
-#: Sweep methods that compress the broadcast too: the uplink is METHOD_SPECS[name], the downlink
-#: this CompressionConfig (``server_ef=False``: no server-side error feedback, the ablation).
-DOWNLINK_SPECS: dict[str, dict[str, Any]] = {
-    "osd+down1": {"method": "osd", "rank": 1},
-    "osd+down2": {"method": "osd", "rank": 2},
-    "osd+down4": {"method": "osd", "rank": 4},
-    "osd+down4-noef": {"method": "osd", "rank": 4, "server_ef": False},
-}
-METHOD_SPECS.update({name: {"method": "osd"} for name in DOWNLINK_SPECS})
-RANK_FREE = frozenset(methods_with("rank_free"))
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """A sweep: which methods, budgets, seeds, and the federated task they run on."""
-
-    name: str = field(default="demo", metadata={"help": "Preset/sweep name (results go to results/<name>)."})
-    methods: tuple[str, ...] = field(default=("dense", "truncsvd", "magtruncsvd", "osd"))
-    ranks: tuple[int, ...] = field(default=(1,))
-    seeds: tuple[int, ...] = field(default=(0,))
-    rounds: int = field(default=8, metadata={"help": "Federated rounds per run."})
-    fraction_train: float = field(default=1.0, metadata={"help": "Share of clients per round."})
-    server_lr: float = field(default=1.0, metadata={"help": "Server learning rate."})
-    relax: int = field(default=3, metadata={"help": "OSD/MagTruncSVD rank relaxation c (adaptive: max c)."})
-    value_dtype: str = field(default="float32", metadata={"help": "Value precision for every method."})
-    task: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "TextTaskConfig overrides."})
-    compression: Mapping[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "CompressionConfig overrides for every method (a method's own spec wins)."},
-    )
-    downlink: Mapping[str, Any] = field(
-        default_factory=dict,
-        metadata={
-            "help": "CompressionConfig of the compressed broadcast (OSDStrategy(downlink=...)); "
-            "empty = the dense model goes down, as in Flower."
-        },
-    )
-    method_ranks: Mapping[str, tuple[int, ...]] = field(
-        default_factory=dict,
-        metadata={"help": "Per-method rank lists that replace `ranks` for those methods (ablations at few budgets)."},
-    )
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)."})
-    shard: tuple[int, int] = field(
-        default=(0, 1),
-        metadata={"help": "(i, n): run only the planned runs whose index is i mod n (parallel processes)."},
-    )
-
-
-#: The routing defaults before issue 14 (matrices under 4096 entries and embeddings dense), pinned in
-#: the cached-mode presets so that they still print the numbers docs/results.md quotes.
-CACHED_ERA: dict[str, Any] = {"min_numel": 4096, "embedding_policy": "dense"}
-
-#: The full-model task of the ``fullmodel`` preset and the full-model demo.
-FULL_MODEL_TASK: dict[str, Any] = {
-    "mode": "full",
-    "frozen_layers": 0,
-    "max_len": 48,
-    "num_clients": 4,
-    "max_examples": 4000,
-    "test_size": 1000,
-    "local_steps": 10,
-    "lr": 1e-4,
-}
-
-PRESETS: dict[str, SweepConfig] = {
-    "quick": SweepConfig(
-        name="quick",
-        methods=("dense", "truncsvd", "osd"),
-        rounds=2,
-        task={"num_clients": 2, "max_examples": 400, "test_size": 100, "local_steps": 2, "cache_dir": ""},
-    ),
-    # The README's main command: full-model fine-tuning (where compression can hurt), small enough
-    # for a 2-core CPU in under 10 minutes: 3 clients x 8 AdamW steps, 6 rounds, rank 1.
-    "demo": SweepConfig(
-        name="demo",
-        methods=("dense", "truncsvd", "magtruncsvd", "osd"),
-        ranks=(1,),
-        rounds=6,
-        task={**FULL_MODEL_TASK, "num_clients": 3, "max_examples": 3000, "test_size": 500, "local_steps": 8},
-    ),
-    "medium": SweepConfig(
-        name="medium",
-        methods=(
-            "dense",
-            "fp16",
-            "int8",
-            "topk+ef",
-            "truncsvd",
-            "magtruncsvd",
-            "powersgd+ef",
-            "osd-grad",
-            "osd-grad+ef",
-            "osd-ones",
-            "osd-fisher",
-        ),
-        ranks=(1, 4),
-        seeds=(0,),
-        rounds=12,
-        compression=CACHED_ERA,
-        task={"num_clients": 8, "local_steps": 10},
-    ),
-    # Every baseline and OSD variant at r = 1, 2, 4, 8 with two seeds; the importance forms
-    # (osd = Z of ones, the default) as an ablation at r = 1, where the budget is tightest.
-    # 78 runs x 20 rounds: about 85 min on the 2-core CPU with nothing else running.
-    "headline": SweepConfig(
-        name="headline",
-        methods=(
-            "dense",
-            "fp16",
-            "int8",
-            "topk",
-            "topk+ef",
-            "truncsvd",
-            "magtruncsvd",
-            "powersgd+ef",
-            "osd",
-            "osd+ef",
-            "osd-fixed-c",
-            "osd-grad",
-            "osd-taylor",
-            "osd-fisher",
-            "osd-adam",
-        ),
-        ranks=(1, 2, 4, 8),
-        method_ranks={"osd-grad": (1,), "osd-taylor": (1,), "osd-fisher": (1,), "osd-adam": (1,)},
-        seeds=(0, 1),
-        rounds=20,
-        compression=CACHED_ERA,
-        task={"num_clients": 8, "local_steps": 10},
-    ),
-    # Compressed broadcast (issue 15) on the default (cached) task: dense FedAvg, OSD uplink only, and OSD
-    # both ways with a rank-1/2/4 broadcast (with and without server-side error feedback), all clients
-    # every round. "downlink-partial": 16 clients, 4 per round, so nodes skip rounds and catch up.
-    "downlink": SweepConfig(
-        name="downlink",
-        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
-        ranks=(1,),
-        seeds=(0, 1, 2),
-        rounds=20,
-        task={"num_clients": 8, "local_steps": 10},
-    ),
-    "downlink-partial": SweepConfig(
-        name="downlink-partial",
-        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
-        ranks=(1,),
-        seeds=(0, 1, 2),
-        rounds=20,
-        fraction_train=0.25,
-        task={"num_clients": 16, "local_steps": 10},
-    ),
-    # Full-model fine-tuning (issue 14), where updates are far from low-rank: every encoder layer of
-    # MiniLM trained (embeddings frozen, so they travel as ZERO records), 4 clients x 10 AdamW steps
-    # at lr 1e-4 (chosen by a dense calibration, docs/results.md), 48 tokens, one torch thread.
-    # The importance forms (osd = Z of ones) as an ablation at r = 1, against MagTruncSVD.
-    # 96 runs; about 7 min each with two shards side by side on the 2-core CPU (--shard 0/2, 1/2).
-    "fullmodel": SweepConfig(
-        name="fullmodel",
-        methods=(
-            "dense",
-            "fp16",
-            "int8",
-            "truncsvd",
-            "truncsvd+ef",
-            "magtruncsvd",
-            "osd",
-            "osd+ef",
-            "osd-fp16",
-            "powersgd+ef",
-            "topk+ef",
-            "osd-grad",
-            "osd-taylor",
-            "osd-fisher",
-            "osd-adam",
-            "osd-obd",
-        ),
-        ranks=(1, 2, 4),
-        method_ranks=dict.fromkeys(("osd-grad", "osd-taylor", "osd-fisher", "osd-adam", "osd-obd"), (1,)),
-        seeds=(0, 1, 2),
-        rounds=10,
-        threads=1,
-        compression={"min_numel": 0},
-        task=FULL_MODEL_TASK,
-    ),
-    # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds
-    # (14 runs, about 8 min when the CPU is free).
-    "noniid": SweepConfig(
-        name="noniid",
-        methods=("dense", "truncsvd", "truncsvd+ef", "magtruncsvd", "powersgd+ef", "osd", "osd+ef"),
-        ranks=(1,),
-        seeds=(0, 1),
-        rounds=20,
-        compression=CACHED_ERA,
-        task={"num_clients": 8, "local_steps": 10, "partitioning": "dirichlet", "alpha": 0.5},
-    ),
-    # Two trained layers (frozen_layers=4): a larger, less compressible update; rank 1, two seeds
-    # (12 runs, about 15 min plus a one-time activation cache).
-    "twolayer": SweepConfig(
-        name="twolayer",
-        methods=("dense", "truncsvd", "truncsvd+ef", "powersgd+ef", "osd", "osd+ef"),
-        ranks=(1,),
-        seeds=(0, 1),
-        rounds=10,
-        compression=CACHED_ERA,
-        task={"num_clients": 8, "local_steps": 10, "frozen_layers": 4},
-    ),
-}
+__all__ = ["CACHED_ERA", "METHOD_SPECS", "PRESETS", "SweepConfig", "main", "run_sweep", "summarize"]
 
 
 def run_id(method: str, rank: int, seed: int) -> str:
@@ -517,7 +285,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
     ap.add_argument("--seeds", default="")
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--threads", type=int, default=-1)
-    ap.add_argument("--value-dtype", default="", choices=["", "float32", "float16"])
+    ap.add_argument("--value-dtype", default="", choices=["", "float32", "float16", "int8"])
     ap.add_argument("--shard", default="", metavar="I/N", help="run only runs I mod N (N processes side by side)")
     ap.add_argument("--fraction-train", type=float, default=0.0, help="share of clients per round (partial)")
     ap.add_argument("--task", action="append", default=[], metavar="KEY=VALUE", help="TextTaskConfig override")

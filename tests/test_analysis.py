@@ -105,7 +105,7 @@ def test_plan_puts_rank_free_first_then_rank_by_rank_and_shards_split_it() -> No
     ranks = [rank for _, rank, _ in runs[n_free:]]
     assert ranks == sorted(ranks) and set(ranks) == set(cfg.ranks)
     per_seed = sum(len(cfg.method_ranks.get(m, cfg.ranks)) for m in cfg.methods if m not in RANK_FREE)
-    assert len(runs) == len(set(runs)) == n_free + per_seed * len(cfg.seeds) == 96
+    assert len(runs) == len(set(runs)) == n_free + per_seed * len(cfg.seeds) == 105
     shards = [dataclasses.replace(cfg, shard=(i, 2)) for i in range(2)]
     parts = [[r for k, r in enumerate(runs) if k % 2 == s.shard[0]] for s in shards]
     assert sorted(parts[0] + parts[1]) == sorted(runs) and not set(parts[0]) & set(parts[1])

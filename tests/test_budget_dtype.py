@@ -47,3 +47,31 @@ def test_budget_dtype_value_is_the_old_behaviour() -> None:
     assert compress(upd, method="osd", rank=1, value_dtype="float16", budget_dtype="value") == compress(
         upd, method="osd", rank=1, value_dtype="float16"
     )
+
+
+def test_int8_values_round_trip_within_half_a_step_of_their_block_scale() -> None:
+    import numpy as np
+
+    from osd_fl.codec import decode, encode
+    from osd_fl.payload import Kind, Payload, Section, TensorRecord
+
+    rng = np.random.default_rng(0)
+    vals = (rng.standard_normal(200) * np.repeat([1e-3, 5.0, 0.0, 2.0], 50)).astype(np.float32)
+    rec = TensorRecord("x", (200,), "float32", Kind.DENSE, sections=[Section(200, vals)])
+    back = decode(encode(Payload("dense", "int8", [rec]))).records[0].sections[0].values
+    blocks = [slice(i, min(i + 64, 200)) for i in range(0, 200, 64)]
+    for b in blocks:
+        step = float(np.abs(vals[b]).max()) / 127
+        assert float(np.abs(back[b] - vals[b]).max()) <= step / 2 * (1 + 1e-5) + 1e-30
+    assert np.all(back[100:150][np.abs(vals[100:150]) == 0] == 0)
+
+
+def test_int8_values_at_the_float32_budget_keep_more_entries_and_lose_less() -> None:
+    upd = _update()
+    shapes = {k: tuple(v.shape) for k, v in upd.items()}
+    f32 = compress(upd, method="osd", rank=2, relax=12)
+    i8 = compress(upd, method="osd", rank=2, relax=12, value_dtype="int8", budget_dtype="float32")
+    assert len(i8) <= payload_budget(shapes, method="osd", rank=2, value_dtype="int8", budget_dtype="float32")
+    err32 = torch.linalg.norm(decompress(f32)["w"] - upd["w"])
+    err8 = torch.linalg.norm(decompress(i8)["w"] - upd["w"])
+    assert err8 < err32

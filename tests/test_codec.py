@@ -75,7 +75,7 @@ def update_case(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     update_case(),
     st.sampled_from(METHODS),
     st.integers(1, 4),
-    st.sampled_from(["float32", "float16"]),
+    st.sampled_from(["float32", "float16", "int8"]),
     st.sampled_from(["matrix", "global"]),
     st.integers(0, 3),
 )

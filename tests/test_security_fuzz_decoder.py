@@ -650,3 +650,27 @@ def test_crafted_valid_positions_round_trip_through_the_hand_written_packer() ->
             payload = decode(raw_payload([raw_record(b"x", Kind.SPARSE, (slots,), section)], method=b"topk"))
             got = payload.records[0].sections[0].positions
             np.testing.assert_array_equal(got, pos)
+
+
+@pytest.mark.parametrize(
+    ("scale", "q0", "ok"),
+    [
+        (0.5, 3, True),
+        (float("nan"), 3, False),
+        (float("inf"), 3, False),
+        (-0.5, 3, False),
+        (VALUE_LIMIT, 3, False),  # 127 * scale would be beyond the value limit
+        (0.5, -128, False),  # the encoder writes -127..127 only
+    ],
+)
+def test_int8_value_blocks_are_checked(scale: float, q0: int, ok: bool) -> None:
+    """A DENSE record of 10 int8 values: one float32 block scale, then the values; hostile scales are refused."""
+    q = np.array([q0, 1, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.int8)
+    part = struct.pack("<f", scale) + q.tobytes()
+    blob = raw_payload([raw_record(b"x", Kind.DENSE, (10,), part)], method=b"dense", vcode=2)
+    if ok:
+        (rec,) = decode(blob).records
+        np.testing.assert_array_equal(rec.sections[0].values, q.astype(np.float32) * np.float32(scale))
+    else:
+        with pytest.raises(PayloadError, match="int8"):
+            decode(blob)

@@ -96,7 +96,7 @@ def _records() -> list[TensorRecord]:
     ]
 
 
-@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "int8"])
 def test_record_bytes_equal_what_the_codec_writes(value_dtype: str) -> None:
     records = _records()
     empty = encode(Payload("m", value_dtype, []))
@@ -116,19 +116,22 @@ def test_record_bytes_equal_what_the_codec_writes(value_dtype: str) -> None:
 def test_record_bytes_of_real_payloads(method: str) -> None:
     g = torch.Generator().manual_seed(1)
     update = {"w": torch.randn(64, 48, generator=g), "b": torch.randn(48, generator=g)}
-    for value_dtype in ("float32", "float16"):
+    for value_dtype in ("float32", "float16", "int8"):
         blob = compress(update, method=method, rank=2, min_numel=0, value_dtype=value_dtype)
         payload = decode(blob)
         total = header_bytes(payload.method) + sum(record_bytes(r, payload.value_dtype) for r in payload.records)
         assert total == len(blob)
         if REGISTRY[method].budgeted:
-            assert len(blob) <= payload_budget({"w": (64, 48), "b": (48,)}, method=method, rank=2, min_numel=0)
+            shapes = {"w": (64, 48), "b": (48,)}
+            assert len(blob) <= payload_budget(shapes, method=method, rank=2, min_numel=0, value_dtype=value_dtype)
 
 
 def test_section_and_value_sizes() -> None:
-    assert value_bytes("float32") == 4 and value_bytes("float16") == 2
+    assert value_bytes("float32") == 4 and value_bytes("float16") == 2 and value_bytes("int8") == 1
     full = Section(10, np.zeros(10, dtype=np.float32))
     assert section_bytes(full, "float16") == 6 + 20
+    assert section_bytes(full, "int8") == 6 + 4 + 10  # one block: one float32 scale, ten int8 values
+    assert section_bytes(Section(65, np.zeros(65, dtype=np.float32)), "int8") == 6 + 2 * 4 + 65
     assert CRC.size == 4
     shapes = {"a": (3, 4), "b": (5,)}
     assert total_dense_bytes(shapes) == 68 and total_dense_bytes(shapes, 2) == 34

@@ -128,7 +128,7 @@ def test_matrix_budget_is_truncsvd_cost() -> None:
     # header + record header + kind-specific part
     from osd_fl.sizes import header_bytes, record_header_bytes
 
-    assert len(blob) == header_bytes("truncsvd") + record_header_bytes("w", 2) + matrix_budget(n, d, r, 4)
+    assert len(blob) == header_bytes("truncsvd") + record_header_bytes("w", 2) + matrix_budget(n, d, r, "float32")
 
 
 def weighted_error(mat: torch.Tensor, approx: torch.Tensor, z: torch.Tensor | None) -> float:

@@ -247,7 +247,9 @@ class SparseLowRank(Compressor):
                 else:
                     assert scored is not None
                     sub = (scored[0][:, :k], scored[1][:k])
-                    chosen.append((a, b, self._sparse(item, a, b, sizes.factor_room(budget), sub)))
+                    chosen.append(
+                        (a, b, self._sparse(item, a, b, sizes.factor_room(budget, 1, self.config.value_dtype), sub))
+                    )
         return chosen
 
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
@@ -297,7 +299,9 @@ class SparseLowRank(Compressor):
             s_a, s_b = self.scores(a, b, item.importance)
             factors.append((item, a, b))
             scores += [s_a, s_b]
-        positions = select(scores, self.config.value_bytes, sizes.factor_room(budget, len(items)))
+        positions = select(
+            scores, self.config.value_bytes, sizes.factor_room(budget, len(items), self.config.value_dtype)
+        )
         return [
             lowrank_record(item, a, b, positions[2 * i], positions[2 * i + 1]) for i, (item, a, b) in enumerate(factors)
         ]

@@ -35,12 +35,14 @@ class TopK(Compressor):
 
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
         """SPARSE record of the largest entries."""
-        (pos,) = select([item.mat.abs()], self.config.value_bytes, sizes.entries_room(budget))
+        (pos,) = select(
+            [item.mat.abs()], self.config.value_bytes, sizes.entries_room(budget, 1, self.config.value_dtype)
+        )
         return _sparse_record(item, pos)
 
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """Largest entries across all matrices under one budget."""
-        room = sizes.entries_room(budget, len(items))
+        room = sizes.entries_room(budget, len(items), self.config.value_dtype)
         positions = select([i.mat.abs() for i in items], self.config.value_bytes, room)
         return [_sparse_record(item, pos) for item, pos in zip(items, positions, strict=True)]
 
