@@ -18,7 +18,8 @@ from simulations.analysis import (
     summary_markdown,
     t_quantile_975,
 )
-from simulations.sweep import PRESETS, RANK_FREE, parse_args, plan
+from simulations.presets import PRESETS, RANK_FREE
+from simulations.sweep import parse_args, plan
 
 
 def _rows(method: str, rank: int, seed: int, per_round: float, accs: list[float]) -> list[dict[str, Any]]:
