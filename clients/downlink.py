@@ -18,7 +18,9 @@ strategy counts a resync and sends this node the dense model next time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from osd_fl import PayloadError
@@ -34,7 +36,10 @@ from osd_fl.records import (
     tensors_to_record,
 )
 
-__all__ = ["receive_model"]
+__all__ = ["InitialModel", "receive_model"]
+
+#: ``initial_model(context) -> state dict``: the initial global model a node already holds.
+InitialModel = Callable[[Context], Mapping[str, torch.Tensor]]
 
 log = logging.getLogger("flwr.osd.client")
 
@@ -45,12 +50,14 @@ def _forget(context: Context) -> None:
             del context.state[key]
 
 
-def receive_model(msg: Message, context: Context) -> str | None:
+def receive_model(msg: Message, context: Context, initial_model: InitialModel | None = None) -> str | None:
     """Rebuild the public model into ``msg`` (dense ``ArrayRecord``), in place; return an error reason or None.
 
     A message without a downlink record is left as it is. On success the
     replica in ``context.state`` is the new public model; on any failure it
-    is dropped and the returned reason starts with ``RESYNC_REASON``.
+    is dropped and the returned reason starts with ``RESYNC_REASON``. A chain
+    from version 0 to a node without a replica starts from
+    ``initial_model(context)`` when given (its digest is checked like any replica's).
     """
     content = msg.content
     try:
@@ -75,6 +82,8 @@ def receive_model(msg: Message, context: Context) -> str | None:
         meta = context.state.config_records.get(STATE_REPLICA_META_KEY)
         stored = context.state.array_records.get(STATE_REPLICA_KEY)
         held = int(meta["version"]) if meta is not None and "version" in meta else None  # type: ignore[arg-type]
+        if (stored is None or held is None) and initial_model is not None and info.base == 0:
+            stored, held = tensors_to_record(initial_model(context)), 0
         if stored is None or held is None:
             return f"{RESYNC_REASON} no replica in context.state (new node or lost state); need the dense model"
         if held != info.base:

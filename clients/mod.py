@@ -61,7 +61,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from clients.downlink import receive_model
+from clients.downlink import InitialModel, receive_model
 from clients.privacy import enclosing_privacy_mod, privacy_mod_order_error
 from osd_fl import (
     CompressionConfig,
@@ -287,7 +287,7 @@ def _compressed_reply(msg: Message, context: Context, call_next: ClientAppCallab
     return reply
 
 
-def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
+def make_osd_mod(defaults: CompressionConfig | None = None, *, initial_model: InitialModel | None = None) -> Mod:
     """Build an OSD client mod with client-side default settings.
 
     Parameters
@@ -295,6 +295,11 @@ def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
     defaults
         Settings for every field the server does not send. (``OSDStrategy``
         sends all fields, so these matter for servers that send a subset.)
+    initial_model
+        With a compressed downlink and ``Downlink(..., clients_hold_initial=True)``:
+        ``initial_model(context)`` returns the initial global model this node
+        already has (e.g. the pretrained checkpoint), so its first download is
+        a digest check instead of the dense model.
 
     Returns
     -------
@@ -305,7 +310,7 @@ def make_osd_mod(defaults: CompressionConfig | None = None) -> Mod:
 
     def osd_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.has_content():  # a compressed downlink: rebuild the public model first (train and evaluate)
-            reason = receive_model(msg, context)
+            reason = receive_model(msg, context, initial_model)
             if reason is not None:
                 return _error_reply(msg, reason.removeprefix("osd_mod: "))
         if msg.metadata.message_type.split(".", 1)[0] != MessageType.TRAIN or not msg.has_content():

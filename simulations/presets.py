@@ -66,6 +66,9 @@ DOWNLINK_SPECS: dict[str, dict[str, Any]] = {
     "osd+down2": {"method": "osd", "rank": 2},
     "osd+down4": {"method": "osd", "rank": 4},
     "osd+down4-noef": {"method": "osd", "rank": 4, "server_ef": False},
+    # clients already hold the initial model (the shipped checkpoint): no dense first download
+    "osd+down1-held": {"method": "osd", "rank": 1, "hold_initial": True},
+    "osd+down4-held": {"method": "osd", "rank": 4, "hold_initial": True},
 }
 METHOD_SPECS.update({name: {"method": "osd"} for name in DOWNLINK_SPECS})
 RANK_FREE = frozenset(methods_with("rank_free"))
@@ -194,7 +197,16 @@ PRESETS: dict[str, SweepConfig] = {
     # every round. "downlink-partial": 16 clients, 4 per round, so nodes skip rounds and catch up.
     "downlink": SweepConfig(
         name="downlink",
-        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
+        methods=(
+            "dense",
+            "osd",
+            "osd+down1",
+            "osd+down2",
+            "osd+down4",
+            "osd+down4-noef",
+            "osd+down1-held",
+            "osd+down4-held",
+        ),
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=20,

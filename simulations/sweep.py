@@ -76,9 +76,13 @@ def downlink_for(cfg: SweepConfig, method: str, seed: int) -> Downlink | None:
     spec = {**cfg.downlink, **DOWNLINK_SPECS.get(method, {})}
     if not spec:
         return None
-    server_ef = spec.pop("server_ef", True)
-    server_ef = server_ef if isinstance(server_ef, bool) else str(server_ef).lower() in ("1", "true", "yes", "on")
-    return Downlink(CompressionConfig(seed=seed).replace(**spec), error_feedback=server_ef)
+    flags = {k: spec.pop(k, default) for k, default in (("server_ef", True), ("hold_initial", False))}
+    on = {k: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on") for k, v in flags.items()}
+    return Downlink(
+        CompressionConfig(seed=seed).replace(**spec),
+        error_feedback=on["server_ef"],
+        clients_hold_initial=on["hold_initial"],
+    )
 
 
 def compression_for(cfg: SweepConfig, method: str, rank: int, seed: int) -> CompressionConfig:

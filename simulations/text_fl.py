@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from clients import attach_importance, osd_mod
+from clients import attach_importance, make_osd_mod
 from osd_fl import CompressionConfig
 from osd_fl.records import (
     METRIC_BYTES_DOWN,
@@ -128,7 +128,13 @@ def evaluate_fn(msg: Message, context: Context, task_config: TextTaskConfig | No
 
 def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
     """The text task's ClientApp (settings from ``task_config`` or the run_config's ``text.*`` keys)."""
-    app = ClientApp(mods=[osd_mod])
+
+    def initial_model(context: Context) -> dict[str, torch.Tensor]:
+        # every process builds the same initial weights (TextTask.new_model), as the server does
+        cfg, _ = _node_task_config(task_config or _run_config_task(context), context)
+        return dict(get_task(cfg).new_model().state_dict())
+
+    app = ClientApp(mods=[make_osd_mod(initial_model=initial_model)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -69,12 +69,27 @@ class Downlink:
         Keep ``x - w`` on the server and send it later (default), or aggregate onto ``w``.
     history_bytes
         Bytes of recent broadcasts kept for catch-up chains (0 = one dense model).
+    clients_hold_initial
+        Nodes already hold the initial model (e.g. the pretrained checkpoint shipped
+        with the app): a node the server has never served gets the chain from
+        version 0 instead of the dense model. The client mod needs
+        ``make_osd_mod(initial_model=...)``; a node whose initial model does not
+        match the digest asks for a resync and gets the dense model.
     """
 
-    def __init__(self, config: CompressionConfig, *, error_feedback: bool = True, history_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        config: CompressionConfig,
+        *,
+        error_feedback: bool = True,
+        history_bytes: int = 0,
+        clients_hold_initial: bool = False,
+    ) -> None:
         self.config = config
         self.error_feedback = error_feedback
         self.history_bytes = history_bytes
+        self.clients_hold_initial = clients_hold_initial
+        self._served: set[int] = set()
         self.server: BroadcastServer | None = None
         self.held: dict[int, int] = {}
         self.counts = DownlinkCounts()
@@ -104,7 +119,11 @@ class Downlink:
         out = []
         for msg in messages:
             node = int(msg.metadata.dst_node_id)
-            chain = self.server.catch_up(self.held.get(node))
+            held = self.held.get(node)
+            if held is None and self.clients_hold_initial and node not in self._served:
+                held = 0  # first contact: the node holds w_0 already
+            self._served.add(node)
+            chain = self.server.catch_up(held)
             if chain is not None and any(b.exact for b in chain):
                 chain = None  # integer buffers changed: send them with the dense model
             # Flower's strategies give every message the same RecordDict: give each its own

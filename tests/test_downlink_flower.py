@@ -24,6 +24,7 @@ from simulations.digits_client import app as client_app
 from simulations.digits_task import build_model, evaluate
 from simulations.digits_task import test_data as digits_test_data
 from strategies import OSDStrategy
+from strategies.downlink import Downlink
 from strategies.local_grid import LocalGrid
 
 NODES = 6
@@ -62,7 +63,9 @@ class FaultyGrid(LocalGrid):
         return ids
 
 
-def _run(grid: LocalGrid, *, downlink: CompressionConfig | None, rounds: int = 8, **kwargs: Any) -> OSDStrategy:
+def _run(
+    grid: LocalGrid, *, downlink: CompressionConfig | Downlink | None, rounds: int = 8, **kwargs: Any
+) -> OSDStrategy:
     loader = digits_test_data()
     accuracy: dict[int, float] = {}
 
@@ -133,3 +136,34 @@ def test_lost_state_and_a_corrupted_chain_make_nodes_resync_and_nothing_trains_o
     # only the round right after every SuperNode restarted can have no reply accepted (all ask for a resync)
     empty = [row for row in strategy.history if row.get("phase") == "train" and row["accepted"] == 0]
     assert len(empty) <= 1
+
+
+def _held_app(seed: int) -> Any:
+    from flwr.clientapp import ClientApp
+
+    from clients import make_osd_mod
+    from simulations import digits_client
+
+    app = ClientApp(mods=[make_osd_mod(initial_model=lambda ctx: build_model(seed=seed).state_dict())])
+    app.train()(digits_client.train)
+    return app
+
+
+def test_clients_that_hold_the_initial_model_skip_the_dense_first_download() -> None:
+
+    held = FaultyGrid()
+    held.client_app = _held_app(seed=0)  # the same initial weights as the server's
+    strategy = _run(held, downlink=Downlink(DOWN, clients_hold_initial=True), rounds=4)
+    down = strategy.downlink
+    assert down is not None
+    assert down.counts.dense == 0 and down.counts.resyncs == 0  # nobody downloaded the dense model
+    plain = FaultyGrid()
+    _run(plain, downlink=DOWN, rounds=4)
+    assert held.down_bytes < 0.5 * plain.down_bytes
+    # a node whose "initial model" differs (another seed) asks for a resync and gets the dense model
+    wrong = FaultyGrid()
+    wrong.client_app = _held_app(seed=1)
+    strategy = _run(wrong, downlink=Downlink(DOWN, clients_hold_initial=True), rounds=4)
+    assert strategy.downlink is not None and strategy.downlink.counts.resyncs >= 1
+    assert all("digest" in r.reason for r in strategy.rejections if r.kind == "error")
+    assert strategy.downlink.counts.dense >= 1
