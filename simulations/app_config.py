@@ -76,6 +76,15 @@ class AppSettings(Settings):
     max_payload_bytes: int = field(
         default=0, metadata={"help": "Largest payload the server accepts (0 = the method's own budget)."}
     )
+    downlink_method: str = field(
+        default="",
+        metadata={"help": "Compress the broadcast too with this method (e.g. osd); '' = dense, as in Flower."},
+    )
+    downlink_rank: int = field(default=4, metadata={"help": "Rank of the compressed broadcast."})
+    downlink_hold_initial: bool = field(
+        default=False,
+        metadata={"help": "Nodes already hold the initial model: no dense first download (checked by digest)."},
+    )
     central_eval: bool = field(default=True, metadata={"help": "Evaluate the global model on the test set each round."})
     results_dir: str = field(
         default="", metadata={"help": "Folder for traffic.csv, rounds.csv and result.json ('' = do not write)."}
@@ -101,6 +110,8 @@ class AppSettings(Settings):
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.lr <= 0 or self.server_lr <= 0:
             raise ConfigError("lr and server-lr must be positive")
+        if self.downlink_rank < 1:
+            raise ConfigError(f"downlink-rank={self.downlink_rank} must be >= 1")
         if self.max_payload_bytes < 0:
             raise ConfigError(f"max-payload-bytes={self.max_payload_bytes} must be >= 0")
 

@@ -7,20 +7,31 @@ rest is a plain Flower ClientApp that runs the task named by ``task``.
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients import osd_mod
+from clients import make_osd_mod
 from simulations import digits_client, text_fl
 from simulations.app_config import AppSettings
+from simulations.digits_task import build_model
 
 __all__ = ["app"]
-
-app = ClientApp(mods=[osd_mod])
 
 
 def _is_digits(context: Context) -> bool:
     return AppSettings.from_run_config(context.run_config).task == "digits"
+
+
+def _initial_model(context: Context) -> dict[str, torch.Tensor]:
+    """The initial global model this node builds itself (used with ``downlink-hold-initial``)."""
+    settings = AppSettings.from_run_config(context.run_config)
+    if settings.task == "digits":
+        return dict(build_model(settings.hidden, seed=settings.seed).state_dict())
+    return text_fl.initial_model(context)
+
+
+app = ClientApp(mods=[make_osd_mod(initial_model=_initial_model)])
 
 
 @app.train()

@@ -26,8 +26,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 from osd_fl import CompressionConfig
 from simulations.app_config import AppSettings
 from strategies import OSDStrategy
+from strategies.downlink import Downlink
 
-__all__ = ["REPLIES_CSV", "EvaluateFn", "RecordingStrategy", "result_summary", "run_federation"]
+__all__ = ["REPLIES_CSV", "EvaluateFn", "RecordingStrategy", "downlink_of", "result_summary", "run_federation"]
 
 log = logging.getLogger("flwr.osd.app")
 
@@ -119,6 +120,14 @@ class RecordingStrategy(OSDStrategy):
             writer.writerows(self.replies)
 
 
+def downlink_of(settings: AppSettings) -> Downlink | None:
+    """The compressed broadcast the settings ask for (``downlink-method``), or None (dense)."""
+    if not settings.downlink_method:
+        return None
+    config = CompressionConfig(method=settings.downlink_method, rank=settings.downlink_rank)
+    return Downlink(config, clients_hold_initial=settings.downlink_hold_initial)
+
+
 def run_federation(
     grid: Grid,
     settings: AppSettings,
@@ -165,6 +174,7 @@ def run_federation(
         max_payload_bytes=settings.max_payload_bytes or None,
         csv_dir=settings.results_dir or None,
         sampling_seed=sampling_seed,
+        downlink=downlink_of(settings),
     )
     result = strategy.start(
         grid=grid,

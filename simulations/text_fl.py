@@ -11,6 +11,7 @@ activation cache is built once), or on any Flower ``Grid``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -42,7 +43,16 @@ from strategies import OSDStrategy
 from strategies.downlink import Downlink
 from strategies.local_grid import LocalGrid
 
-__all__ = ["RoundRow", "evaluate_fn", "get_task", "make_client_app", "run_text_fl", "run_text_server", "train"]
+__all__ = [
+    "RoundRow",
+    "evaluate_fn",
+    "get_task",
+    "initial_model",
+    "make_client_app",
+    "run_text_fl",
+    "run_text_server",
+    "train",
+]
 
 _TASKS: dict[str, TextTask] = {}
 
@@ -126,15 +136,15 @@ def evaluate_fn(msg: Message, context: Context, task_config: TextTaskConfig | No
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def initial_model(context: Context, task_config: TextTaskConfig | None = None) -> dict[str, torch.Tensor]:
+    """The initial global model as this node builds it (every process builds the same, as the server does)."""
+    cfg, _ = _node_task_config(task_config or _run_config_task(context), context)
+    return dict(get_task(cfg).new_model().state_dict())
+
+
 def make_client_app(task_config: TextTaskConfig | None = None) -> ClientApp:
     """The text task's ClientApp (settings from ``task_config`` or the run_config's ``text.*`` keys)."""
-
-    def initial_model(context: Context) -> dict[str, torch.Tensor]:
-        # every process builds the same initial weights (TextTask.new_model), as the server does
-        cfg, _ = _node_task_config(task_config or _run_config_task(context), context)
-        return dict(get_task(cfg).new_model().state_dict())
-
-    app = ClientApp(mods=[make_osd_mod(initial_model=initial_model)])
+    app = ClientApp(mods=[make_osd_mod(initial_model=functools.partial(initial_model, task_config=task_config))])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -167,3 +167,21 @@ def test_clients_that_hold_the_initial_model_skip_the_dense_first_download() -> 
     assert strategy.downlink is not None and strategy.downlink.counts.resyncs >= 1
     assert all("digest" in r.reason for r in strategy.rejections if r.kind == "error")
     assert strategy.downlink.counts.dense >= 1
+
+
+def test_the_registered_app_compresses_the_broadcast_from_its_run_config() -> None:
+    """``downlink-method='osd' downlink-hold-initial=true``: train and evaluate go down as chains only."""
+    from simulations import client_app as registered
+    from simulations.app_config import AppSettings
+    from simulations.digits_server import run_server
+
+    run_config = {"task": "digits", "downlink-method": "osd", "downlink-hold-initial": True}
+    grid = LocalGrid(registered.app, 3, run_config=run_config)
+    settings = AppSettings.from_run_config({**run_config, "num-server-rounds": 3, "min-nodes": 3})
+    result, strategy = run_server(grid, settings, CompressionConfig(method="osd", rank=2))
+    down = strategy.downlink
+    assert down is not None and down.config.rank == 4
+    assert down.counts.dense == 0 and down.counts.resyncs == 0 and down.counts.chains == 2 * 3 * 3
+    assert [r for r in strategy.rejections] == []
+    acc = result.evaluate_metrics_serverapp
+    assert float(acc[3]["test-accuracy"]) > float(acc[0]["test-accuracy"]) + 0.2  # type: ignore[arg-type]
