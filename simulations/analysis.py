@@ -303,4 +303,19 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], header: str, *, last_
             f"{_pm(s['vs_truncsvd_last'], s['vs_truncsvd_last_ci'])} | {s['seeds_reaching_target']}/{s['seeds']} | "
             f"{reach_text} | {at_bytes} |"
         )
+    dense_total = next((s["uplink_bytes"] + s["downlink_bytes"] for s in summary if s["method"] == "dense"), math.nan)
+    lines += [
+        "",
+        "Both directions (Flower message bytes, all clients, mean over seeds):",
+        "",
+        "| method | rank | uplink bytes | downlink bytes | total bytes | total share of dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        total = s["uplink_bytes"] + s["downlink_bytes"]
+        share = "-" if math.isnan(dense_total) else f"{100 * total / dense_total:.3f}%"
+        lines.append(
+            f"| {s['method']} | {s['rank'] or '-'} | {s['uplink_bytes']:,.0f} | {s['downlink_bytes']:,.0f} | "
+            f"{total:,.0f} | {share} |"
+        )
     return "\n".join(lines) + "\n"
