@@ -126,6 +126,9 @@ FULL_MODEL_TASK: dict[str, Any] = {
     "lr": 1e-4,
 }
 
+#: The downlink presets' methods: dense, OSD uplink only, and OSD both ways (see DOWNLINK_SPECS).
+DOWNLINK_METHODS = ("dense", "osd", *DOWNLINK_SPECS)
+
 PRESETS: dict[str, SweepConfig] = {
     "quick": SweepConfig(
         name="quick",
@@ -197,16 +200,7 @@ PRESETS: dict[str, SweepConfig] = {
     # every round. "downlink-partial": 16 clients, 4 per round, so nodes skip rounds and catch up.
     "downlink": SweepConfig(
         name="downlink",
-        methods=(
-            "dense",
-            "osd",
-            "osd+down1",
-            "osd+down2",
-            "osd+down4",
-            "osd+down4-noef",
-            "osd+down1-held",
-            "osd+down4-held",
-        ),
+        methods=DOWNLINK_METHODS,
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=20,
@@ -214,7 +208,7 @@ PRESETS: dict[str, SweepConfig] = {
     ),
     "downlink-partial": SweepConfig(
         name="downlink-partial",
-        methods=("dense", "osd", "osd+down1", "osd+down2", "osd+down4", "osd+down4-noef"),
+        methods=DOWNLINK_METHODS,
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=20,

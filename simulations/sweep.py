@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from osd_fl import CompressionConfig
+from osd_fl.settings import coerce_value
 from simulations.analysis import summarize, summary_markdown
 from simulations.devices import torch_threads
 from simulations.presets import CACHED_ERA, DOWNLINK_SPECS, METHOD_SPECS, PRESETS, RANK_FREE, SweepConfig
@@ -76,8 +77,7 @@ def downlink_for(cfg: SweepConfig, method: str, seed: int) -> Downlink | None:
     spec = {**cfg.downlink, **DOWNLINK_SPECS.get(method, {})}
     if not spec:
         return None
-    flags = {k: spec.pop(k, default) for k, default in (("server_ef", True), ("hold_initial", False))}
-    on = {k: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on") for k, v in flags.items()}
+    on = {k: coerce_value(k, bool, spec.pop(k, d)) for k, d in (("server_ef", True), ("hold_initial", False))}
     return Downlink(
         CompressionConfig(seed=seed).replace(**spec),
         error_feedback=on["server_ef"],

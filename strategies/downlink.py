@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from osd_fl import CompressionConfig
-from osd_fl.downlink import Broadcast, BroadcastServer
+from osd_fl.downlink import BroadcastServer
 from osd_fl.records import (
     BROADCAST_RECORD_KEY,
     DOWNLINK_RECORD_KEY,
@@ -43,12 +43,8 @@ log = logging.getLogger("flwr.osd.downlink")
 
 @dataclass
 class DownlinkCounts:
-    """Per-round counts of what went down: dense copies, chains (and their broadcasts), resyncs asked."""
+    """Per-round counts of what went down (dense copies, chains and their broadcasts) and resyncs asked."""
 
-    dense: int = 0
-    chains: int = 0
-    broadcasts: int = 0
-    resyncs: int = 0
     by_round: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def round(self, server_round: int) -> dict[str, int]:
@@ -56,6 +52,29 @@ class DownlinkCounts:
         return self.by_round.setdefault(
             server_round, {"down-dense": 0, "down-chains": 0, "down-broadcasts": 0, "resyncs": 0}
         )
+
+    def _total(self, key: str) -> int:
+        return sum(counts[key] for counts in self.by_round.values())
+
+    @property
+    def dense(self) -> int:
+        """Dense copies sent, all rounds."""
+        return self._total("down-dense")
+
+    @property
+    def chains(self) -> int:
+        """Chains sent, all rounds."""
+        return self._total("down-chains")
+
+    @property
+    def broadcasts(self) -> int:
+        """Broadcasts sent in chains, all rounds."""
+        return self._total("down-broadcasts")
+
+    @property
+    def resyncs(self) -> int:
+        """Resyncs asked, all rounds."""
+        return self._total("resyncs")
 
 
 class Downlink:
@@ -135,13 +154,10 @@ class Downlink:
             if chain is None or broadcasts is None:
                 content[names[0] if names else "arrays"] = self._public_record
                 counts["down-dense"] += 1
-                self.counts.dense += 1
             else:
                 content[BROADCAST_RECORD_KEY] = broadcasts
                 counts["down-chains"] += 1
                 counts["down-broadcasts"] += len(chain)
-                self.counts.chains += 1
-                self.counts.broadcasts += len(chain)
             self._sent_version[node] = self.server.version
             out.append(msg)
         return out
@@ -164,17 +180,7 @@ class Downlink:
             if reply.has_error():
                 if (reply.error.reason or "").startswith(RESYNC_REASON):
                     self.counts.round(server_round)["resyncs"] += 1
-                    self.counts.resyncs += 1
                     log.info("round %d: node %d asks for a dense resync (%s)", server_round, node, reply.error.reason)
                 continue
             if node in self._sent_version:
                 self.held[node] = self._sent_version[node]
-
-    @property
-    def public(self) -> dict[str, object] | None:
-        """The public model's tensors (None before the first round)."""
-        return None if self.server is None else dict(self.server.public)
-
-    def last_broadcast(self) -> Broadcast | None:
-        """The latest broadcast (None before the second publication)."""
-        return self.server.history[-1] if self.server is not None and self.server.history else None
