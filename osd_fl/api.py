@@ -121,29 +121,38 @@ def payload_limit(shapes: Mapping[str, Sequence[int]], config: CompressionConfig
     return sizes.unbudgeted_limit(shapes)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """``bool(torch.isfinite(t).all())`` without a full-size boolean temporary.
+def _finite_and_zero(t: torch.Tensor) -> tuple[bool, bool]:
+    """``(every entry finite, every entry zero)`` of ``t`` from one reduction.
 
     ``aminmax`` propagates NaN and returns the infinities themselves, so both
-    ends are finite exactly when every entry is; one fused reduction instead
-    of an elementwise pass, an allocation and a second reduction.
+    ends are finite exactly when every entry is, and both are zero exactly
+    when every entry is: one fused pass instead of ``isfinite(t).all()``
+    (an elementwise pass, a full-size boolean temporary and a reduction)
+    plus a second pass for ``t.any()``. An empty tensor is finite and zero.
     """
     if t.numel() == 0:
-        return True
+        return True, True
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    finite = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return finite, finite and not (bool(lo) or bool(hi))
 
 
-def _check_update(update: Mapping[str, torch.Tensor]) -> None:
+def _check_update(update: Mapping[str, torch.Tensor]) -> set[str]:
+    """Check every tensor of ``update``; return the names of the all-zero ones (unchanged tensors)."""
     if not update:
         raise UpdateError("update is empty: pass a mapping of tensor names to tensors")
+    zero: set[str] = set()
     for name, t in update.items():
         if not isinstance(t, torch.Tensor):
             raise UpdateError(f"update[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
         if t.dtype not in TORCH_NAMES:
             raise UpdateError(f"update[{name!r}] has dtype {t.dtype}; floating tensors only ({list(TORCH_NAMES)})")
-        if not _all_finite(t):
+        finite, all_zero = _finite_and_zero(t.detach())
+        if not finite:
             raise UpdateError(f"update[{name!r}] has NaN or Inf values (did local training diverge?)")
+        if all_zero:
+            zero.add(name)
+    return zero
 
 
 def _importance_for(
@@ -207,7 +216,7 @@ def compress(
 
     """
     cfg = resolve_config(config, method, rank, **options)
-    _check_update(update)
+    zero = _check_update(update)
     comp = get_compressor(cfg)
     state = state if state is not None else CompressorState()
     tensors = (
@@ -217,7 +226,8 @@ def compress(
     )
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in tensors.items()}
     routes = plan_routes(shapes, cfg, all_dense=comp.all_dense)
-    records, items = _route_tensors(update, tensors, shapes, routes, importance)
+    # without feedback the tensors are the update's (in float32, which keeps zero exactly zero)
+    records, items = _route_tensors(update, tensors, shapes, routes, importance, zero if feedback is None else None)
     fixed, matrices = _fixed_and_matrix_bytes(shapes, cfg, routes)
     limit = cfg.budget_bytes or fixed + matrices
     records.update(_encode_matrices(comp, items, limit, fixed, state))
@@ -239,18 +249,21 @@ def _route_tensors(
     shapes: Mapping[str, tuple[int, ...]],
     routes: Mapping[str, Route],
     importance: Mapping[str, torch.Tensor] | None,
+    zero: set[str] | None = None,
 ) -> tuple[dict[str, TensorRecord], list[MatrixItem]]:
     """Records of the skipped, unchanged and dense tensors, and the matrices left to compress.
 
     A tensor whose (corrected) update is exactly zero, such as a frozen
     layer's, travels as a ZERO record whatever its route: it costs its name
-    and shape, not its values.
+    and shape, not its values. ``zero``: the names already known to be all
+    zero (``None``: test every tensor here).
     """
     records: dict[str, TensorRecord] = {}
     items: list[MatrixItem] = []
     for name, t in tensors.items():
         dtype = TORCH_NAMES[update[name].dtype]
-        if routes[name] == Route.SKIP or not bool(t.any()):
+        unchanged = name in zero if zero is not None else not bool(t.any())
+        if routes[name] == Route.SKIP or unchanged:
             # skipped by policy, or unchanged (a frozen layer): a ZERO record, a few bytes
             records[name] = TensorRecord(name=name, shape=shapes[name], dtype=dtype, kind=Kind.ZERO)
         elif routes[name] == Route.DENSE:

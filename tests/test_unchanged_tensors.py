@@ -13,6 +13,7 @@ from osd_fl import (
     REGISTRY,
     CompressionConfig,
     ErrorFeedback,
+    UpdateError,
     check_conformance,
     compress,
     decode,
@@ -71,3 +72,26 @@ def test_error_feedback_keeps_no_residual_for_an_unchanged_tensor() -> None:
     for name in FROZEN:
         assert not bool(feedback.residuals[name].any()), name
     assert bool(feedback.residuals["layer.0.dense.weight"].any())  # the changed matrix does keep one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_detection_is_exact_in_every_input_dtype(dtype: torch.dtype) -> None:
+    """A tensor of (signed) zeros is unchanged; one tiny non-zero entry, or one in float16, is not."""
+    tiny = torch.zeros(64, 64, dtype=dtype)
+    tiny[63, 63] = torch.finfo(dtype).tiny  # the smallest normal number: not zero
+    update = {
+        "neg.weight": -torch.zeros(64, 64, dtype=dtype),  # -0.0 everywhere: no change
+        "tiny.weight": tiny,
+        "neg.bias": -torch.zeros(64, dtype=dtype),
+    }
+    kinds = {r.name: r.kind.name for r in decode(compress(update, method="osd", rank=1, min_numel=0)).records}
+    assert kinds["neg.weight"] == "ZERO" and kinds["neg.bias"] == "ZERO"
+    assert kinds["tiny.weight"] != "ZERO"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_is_refused_even_in_an_otherwise_zero_tensor(bad: float) -> None:
+    t = torch.zeros(32, 32)
+    t[5, 7] = bad
+    with pytest.raises(UpdateError, match="NaN or Inf"):
+        compress({"w": t}, method="truncsvd", rank=1, min_numel=0)
