@@ -163,3 +163,26 @@ def test_run_simulation_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     if "result" not in captured:
         pytest.fail("the ServerApp did not finish (see the log above)")
     _check_run(captured, rounds, nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("isolated_engine")
+def test_engine_bench_runs_a_sampled_federation_with_state_in_contexts(tmp_path: Path) -> None:
+    """The thousand-client bench in small: 8 nodes, 3 sampled per round, downlink and error feedback on."""
+    from simulations.bench import engine
+
+    out = tmp_path / "engine.json"
+    engine.main(["--nodes", "8", "--per-round", "3", "--rounds", "2", "--out", str(out)])
+    run = json.loads(out.read_text())
+    rows = run["rows"]
+    assert [r["round"] for r in rows] == [1, 2]
+    # each round trains 3 distinct nodes; the set of nodes holding state only grows, to at most 6
+    assert rows[0]["nodes_with_state"] == 3
+    assert 3 <= rows[1]["nodes_with_state"] <= 6
+    for r in rows:
+        assert 0 < r["server_s"] < r["wall_s"]
+    traffic = run["info"]["traffic"]
+    assert traffic["messages-up"] == 6 and traffic["messages-down"] == 6
+    # held initial model + compressed broadcast: the downlink is far below 6 dense copies of the model
+    assert traffic["bytes-down"] < 6 * run["info"]["model_bytes"] / 4
+    assert run["info"]["rejections"] == 0

@@ -41,12 +41,16 @@ from simulations.bench.workloads import (
 )
 from simulations.devices import resolve_device
 
-#: Methods of the client benchmark: label -> compress options. Importance maps go to OSD only.
+#: Methods of the client benchmark: label -> compress options. Importance maps go to OSD only, except
+#: to the ``Z = ones`` rows: OSD without a map, the default since the importance comparison of
+#: docs/results.md (``importance="ones"``), which takes cheaper paths (no products with ``Z``).
 CLIENT_METHODS: dict[str, dict[str, Any]] = {
     "truncsvd": {"method": "truncsvd"},
     "magtruncsvd": {"method": "magtruncsvd"},
     "osd fixed c": {"method": "osd", "adaptive": False},
     "osd adaptive c": {"method": "osd"},
+    "osd fixed c, Z = ones": {"method": "osd", "adaptive": False},
+    "osd adaptive c, Z = ones": {"method": "osd"},
     "topk": {"method": "topk"},
     "powersgd": {"method": "powersgd"},
 }
@@ -54,7 +58,11 @@ CLIENT_METHODS: dict[str, dict[str, Any]] = {
 
 #: Bytes of one float32 value.
 FLOAT32 = value_bytes("float32")
-USES_IMPORTANCE = {label for label, opts in CLIENT_METHODS.items() if opts["method"] in methods_with("uses_importance")}
+USES_IMPORTANCE = {
+    label
+    for label, opts in CLIENT_METHODS.items()
+    if opts["method"] in methods_with("uses_importance") and not label.endswith("Z = ones")
+}
 
 
 def _timed_importance(

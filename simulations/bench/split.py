@@ -38,6 +38,8 @@ def split_case(n: int, d: int, cfg: CompressionConfig, device: torch.device, rep
         "truncsvd": (cfg.replace(method="truncsvd"), None),
         "osd fixed": (cfg.replace(adaptive=False), {"w": z}),
         "osd adaptive": (cfg, {"w": z}),
+        "osd fixed ones": (cfg.replace(adaptive=False), None),
+        "osd adaptive ones": (cfg, None),
     }
     times: dict[str, list[float]] = {}
     for rep in range(repeats + 1):  # the first pass is a warm-up
@@ -53,16 +55,20 @@ def split_case(n: int, d: int, cfg: CompressionConfig, device: torch.device, rep
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def split_row(n: int, d: int, med: dict[str, float], quiet: str) -> list[str]:
-    """One table row: totals with their ratio to TruncSVD, then OSD adaptive c's phases."""
+def split_row(n: int, d: int, med: dict[str, float], quiet: str, suffix: str = "") -> list[str]:
+    """One table row: totals with their ratio to TruncSVD, then OSD adaptive c's phases.
+
+    ``suffix``: ``""`` for the weighted path (an importance map), ``" ones"`` for ``Z = ones``.
+    """
     base = med["truncsvd"]
-    adaptive = med["osd adaptive"]
-    phases = [med[f"osd adaptive:{p}"] for p in PHASES]
+    adaptive = med[f"osd adaptive{suffix}"]
+    fixed = med[f"osd fixed{suffix}"]
+    phases = [med[f"osd adaptive{suffix}:{p}"] for p in PHASES]
     return [
         f"{n}x{d}",
         f"{base:.1f}",
         f"{med['truncsvd:svd']:.1f}",
-        f"{med['osd fixed']:.1f} ({med['osd fixed'] / base:.2f}x)",
+        f"{fixed:.1f} ({fixed / base:.2f}x)",
         f"{adaptive:.1f} ({adaptive / base:.2f}x)",
         *(f"{t:.1f}" for t in phases),
         f"{adaptive - sum(phases):.1f}",
@@ -72,7 +78,7 @@ def split_row(n: int, d: int, med: dict[str, float], quiet: str) -> list[str]:
 
 def section_split(args: argparse.Namespace) -> None:
     """Where OSD's time goes on one matrix: the phases of ``encode_matrix`` as the library marks them."""
-    header("1b. Where OSD's time goes: the phases of adaptive c on one matrix (weighted path)", args)
+    header("1b. Where OSD's time goes: the phases of adaptive c on one matrix (weighted path and Z = ones)", args)
     cfg = CompressionConfig(rank=args.rank)
     device = torch.device(args.device)
     print(
@@ -82,10 +88,20 @@ def section_split(args: argparse.Namespace) -> None:
         "call's total minus its phases (routing, item set-up, encoding the payload)."
     )
     rows: list[list[Any]] = []
+    ones_rows: list[list[Any]] = []
     for n, d in SPLIT_SHAPES_QUICK if args.quick else SPLIT_SHAPES:
         quiet = wait_quiet(f"split {n}x{d}")
-        rows.append(split_row(n, d, split_case(n, d, cfg, device, args.repeats), quiet))
+        med = split_case(n, d, cfg, device, args.repeats)
+        rows.append(split_row(n, d, med, quiet))
+        ones_rows.append(split_row(n, d, med, quiet, " ones"))
         gc.collect()
+    for title, table in (("with an importance map Z (the weighted path)", rows), ("Z = ones (the default)", ones_rows)):
+        print(f"\nOSD {title}:")
+        _print_split(table, cfg)
+    print(f"load average (1 min) at end: {load1():.2f}")
+
+
+def _print_split(rows: list[list[Any]], cfg: CompressionConfig) -> None:
     print_table(
         [
             "matrix",
@@ -103,4 +119,3 @@ def section_split(args: argparse.Namespace) -> None:
         ],
         rows,
     )
-    print(f"load average (1 min) at end: {load1():.2f}")
