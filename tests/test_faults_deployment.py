@@ -97,7 +97,9 @@ def _node_id(log: Path, procs: Processes, proc: subprocess.Popen[bytes], timeout
     pytest.fail(f"{log.name}: no 'SuperNode ID' after {timeout}s\n{procs.tails()}")
 
 
-def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("downlink", ["", "osd"], ids=["dense-downlink", "osd-downlink"])
+def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path, downlink: str) -> None:
+    """With ``downlink='osd'`` the broadcast is compressed too: survivors get chains, the newcomer the model."""
     t0 = time.monotonic()
     port = start_superlink(processes, tmp_path)
 
@@ -125,7 +127,7 @@ def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path) ->
     # No evaluate phase: it would only add a second wait for the dead node.
     run_config = (
         f"task='digits' num-server-rounds={ROUNDS} min-nodes=2 fraction-evaluate=0.0 osd.error-feedback=true "
-        f"results-dir='{results}'"
+        f"results-dir='{results}'" + (f" downlink-method='{downlink}' downlink-rank=2" if downlink else "")
     )
     run = processes.start("flwr-run", "flwr", "run", str(ROOT), "deploy", "--stream", "--run-config", run_config)
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -223,3 +225,26 @@ def test_supernode_killed_and_restarted(processes: Processes, tmp_path: Path) ->
         assert counts["accepted"] + counts["rejected"] + counts["failed"] == len(sampled[r]), (r, counts, got)
         expected = (NODES - 1, 0, 1) if r == dead_round else (NODES, 0, 0)
         assert (counts["accepted"], counts["rejected"], counts["failed"]) == expected, (r, counts)
+
+    if downlink:
+        _check_downlink(summary, results, survivors, new_id, dead_round)
+
+
+def _check_downlink(
+    summary: dict[str, dict[str, dict[str, float]]], results: Path, survivors: list[int], new_id: int, dead_round: int
+) -> None:
+    """The compressed broadcast across a kill and a restart: no resync, chains to survivors, a model to the new node."""
+    train = {int(r): m for r, m in summary["train"].items()}
+    assert all(m["resyncs"] == 0 for m in train.values()), train  # every replica matched its digest
+    assert train[1]["down-dense"] == NODES  # nobody holds the initial model (hold-initial is off)
+    for r in range(2, ROUNDS + 1):
+        assert train[r]["down-broadcasts"] >= 1, (r, train[r])
+    assert train[dead_round + 1]["down-dense"] == 1  # the restarted node, a fresh registration
+    down: dict[tuple[int, int], int] = {}
+    for row in _rows(results / "traffic.csv"):
+        if row["phase"] == "train" and row["direction"] == "down":
+            down[(int(row["round"]), int(row["node_id"]))] = int(row["message_bytes"])
+    last = dead_round + 1
+    dense_bytes = down[(last, new_id)]
+    for node_id in survivors:  # a chain of one rank-2 broadcast: a fraction of the model
+        assert down[(last, node_id)] < dense_bytes / 2, (node_id, down[(last, node_id)], dense_bytes)
