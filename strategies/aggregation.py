@@ -105,13 +105,14 @@ class FactorSum:
     rounding (``tests/test_factor_sum.py`` checks this bound).
 
     Memory: the sums plus, per matrix, at most ``chunk + k`` pending
-    factor columns (float64).
+    factor columns (float32, as decoded; each weight is applied in float64
+    when the product is formed).
     """
 
     def __init__(self, acc: dict[str, torch.Tensor], chunk: int = FACTOR_CHUNK) -> None:
         self.acc = acc
         self.chunk = chunk
-        self._pending: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._pending: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[float]]] = {}
         self._width: dict[str, int] = {}
 
     def add(self, payload: Payload, weight: float) -> None:
@@ -119,11 +120,14 @@ class FactorSum:
         for rec in payload.records:
             if rec.kind == Kind.LOWRANK and rec.dtype == "float32" and rec.rank > 0:
                 n, d = rec.matrix_shape
-                a = torch.from_numpy(rec.sections[0].dense()).reshape(n, rec.rank).to(torch.float64).mul_(weight)
-                b = torch.from_numpy(rec.sections[1].dense()).reshape(rec.rank, d).to(torch.float64)
-                lefts, rights = self._pending.setdefault(rec.name, ([], []))
+                # kept as decoded (float32) with the weight aside: half the memory of weighted float64
+                # factors, and _form computes the very same float64 products w * A
+                a = torch.from_numpy(rec.sections[0].dense()).reshape(n, rec.rank)
+                b = torch.from_numpy(rec.sections[1].dense()).reshape(rec.rank, d)
+                lefts, rights, weights = self._pending.setdefault(rec.name, ([], [], []))
                 lefts.append(a)
                 rights.append(b)
+                weights.append(weight)
                 self._width[rec.name] = self._width.get(rec.name, 0) + rec.rank
                 if self._width[rec.name] >= self.chunk:
                     self._form(rec.name)
@@ -131,11 +135,15 @@ class FactorSum:
                 _add_rebuilt(self.acc, rec, weight)
 
     def _form(self, name: str) -> None:
-        lefts, rights = self._pending.pop(name)
+        lefts, rights, weights = self._pending.pop(name)
         self._width.pop(name)
         target = self.acc[name]
         flat = target.view(lefts[0].shape[0], rights[0].shape[1])
-        flat.addmm_(torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
+        column_weights = torch.tensor(
+            [w for w, a in zip(weights, lefts, strict=True) for _ in range(a.shape[1])], dtype=torch.float64
+        )
+        left = torch.cat(lefts, dim=1).to(torch.float64).mul_(column_weights)
+        flat.addmm_(left, torch.cat(rights, dim=0).to(torch.float64))
 
     def flush(self) -> None:
         """Form every pending product; the sums are complete afterwards."""
