@@ -112,6 +112,12 @@ def check_inner_strategy(inner: Strategy, *, trust_custom: bool = False) -> None
         )
 
 
+#: Entries of a tensor checked at a time by :func:`out_of_range` (2 MiB of float64 per temporary).
+RANGE_BLOCK = 1 << 18
+#: Positions an :class:`OutOfRange` names at most.
+MAX_POSITIONS = 64
+
+
 @dataclass(frozen=True)
 class OutOfRange:
     """Where a model left the safe range: one tensor, some flat positions, and which way."""
@@ -136,13 +142,24 @@ def out_of_range(name: str, new: torch.Tensor, old: torch.Tensor) -> OutOfRange 
     if not new.is_floating_point():
         return None
     limit = value_limit(new.dtype)
-    new64 = new.detach().to(torch.float64).reshape(-1)
-    old64 = old.detach().to(torch.float64).reshape(-1)
-    bad = ~torch.isfinite(new64) | ((new64.abs() > limit) & (new64.abs() > old64.abs()))
-    if not bool(bad.any()):
+    flat_new, flat_old = new.detach().reshape(-1), old.detach().reshape(-1)
+    found: list[torch.Tensor] = []
+    count = 0
+    # in blocks, so that the float64 temporaries stay small whatever the tensor's size
+    for start in range(0, flat_new.numel(), RANGE_BLOCK):
+        new64 = flat_new[start : start + RANGE_BLOCK].to(torch.float64)
+        old64 = flat_old[start : start + RANGE_BLOCK].to(torch.float64)
+        bad = ~torch.isfinite(new64) | ((new64.abs() > limit) & (new64.abs() > old64.abs()))
+        if bool(bad.any()):
+            hits = bad.nonzero().reshape(-1)[: MAX_POSITIONS - count] + start
+            found.append(hits)
+            count += hits.numel()
+            if count >= MAX_POSITIONS:
+                break
+    if not found:
         return None
-    positions = bad.nonzero().reshape(-1)[:64]
-    values = new64[positions]
+    positions = torch.cat(found)
+    values = flat_new[positions].to(torch.float64)
     signs = torch.sign(torch.nan_to_num(values, nan=0.0))
     return OutOfRange(name, positions, signs, float(values.abs().max()))
 
