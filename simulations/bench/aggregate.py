@@ -10,7 +10,7 @@ the largest difference relative to the sum's largest entry::
 
 Decoding is the same on both paths (the strategy decodes each reply once to
 validate it) and is timed separately. The pending factors' memory is
-computed, not measured: at most ``chunk + k`` float64 columns per matrix.
+computed, not measured: at most ``chunk + k`` float32 columns per matrix (as decoded).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch_threads(args.threads):
         payloads, decode_s = _payloads(shapes, args.distinct, args.method, args.rank)
         params = sum(torch.Size(s).numel() for s in shapes.values())
-        pending = sum(8 * (FACTOR_CHUNK + 4) * sum(s[:1]) + 8 * (FACTOR_CHUNK + 4) * (torch.Size(s[1:]).numel())
+        pending = sum(4 * (FACTOR_CHUNK + 4) * sum(s[:1]) + 4 * (FACTOR_CHUNK + 4) * (torch.Size(s[1:]).numel())
                       for s in shapes.values() if len(s) >= 2)  # fmt: skip
         print(
             f"{args.model}: {params:,} parameters ({4 * params / 2**20:.0f} MiB float32), {args.method} r={args.rank}, "

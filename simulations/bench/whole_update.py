@@ -139,7 +139,13 @@ def payload_shares(update: Mapping[str, torch.Tensor], config: CompressionConfig
     return {"bytes": len(blob), "ratio": dense / len(blob), "dense": dense, "by_kind": by_kind, "sent_as": kinds_sent}
 
 
-def _rows(models: Sequence[str], ranks: Sequence[int], methods: Sequence[str], steps: int) -> list[str]:
+def _rows(
+    models: Sequence[str],
+    ranks: Sequence[int],
+    methods: Sequence[str],
+    steps: int,
+    options: Mapping[str, str] | None = None,
+) -> list[str]:
     lines = [
         "| model | r | method | defaults | payload bytes | ratio to dense | share by tensor kind (bytes, sent as) |",
         "|---|---|---|---|---|---|---|",
@@ -152,7 +158,8 @@ def _rows(models: Sequence[str], ranks: Sequence[int], methods: Sequence[str], s
         for rank in ranks:
             for method in methods:
                 for label, extra in (("old", OLD_DEFAULTS), ("current", {})):
-                    cfg = CompressionConfig(method=method, rank=rank).replace(**extra)
+                    base = CompressionConfig.from_mapping({"method": method, "rank": rank, **(options or {})})
+                    cfg = base.replace(**extra)
                     s = payload_shares(update, cfg)
                     parts = ", ".join(
                         f"{k} {100 * v / s['bytes']:.0f}% ({'/'.join(sorted(s['sent_as'][k]))})"
@@ -172,10 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", default="truncsvd,osd")
     ap.add_argument("--steps", type=int, default=10, help="local AdamW steps that make the update")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--compression",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CompressionConfig field for every row (e.g. value_dtype=int8 budget_dtype=float32 relax=12)",
+    )
     args = ap.parse_args(argv)
+    bad = [kv for kv in args.compression if "=" not in kv]
+    if bad:
+        ap.error(f"--compression takes KEY=VALUE, got {bad}")
+    options = dict(kv.split("=", 1) for kv in args.compression)
     with torch_threads(args.threads):
         lines = _rows(
-            args.models.split(","), [int(r) for r in args.ranks.split(",")], args.methods.split(","), args.steps
+            args.models.split(","),
+            [int(r) for r in args.ranks.split(",")],
+            args.methods.split(","),
+            args.steps,
+            options,
         )
     print("\n".join(lines))
     return 0
