@@ -176,46 +176,8 @@ def _server_app(args: argparse.Namespace, rows: list[dict[str, Any]], info: dict
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the federation and print one row per round, then a table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=1000, help="virtual SuperNodes")
-    parser.add_argument("--per-round", type=int, default=15, help="nodes sampled per round")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=1, help="uplink rank")
-    parser.add_argument("--downlink-rank", type=int, default=4)
-    parser.add_argument("--no-downlink", action="store_true", help="dense broadcast (Flower's default)")
-    parser.add_argument(
-        "--no-hold-initial",
-        action="store_true",
-        help="nodes do not hold the initial model: each node's first download is dense",
-    )
-    parser.add_argument("--actors", type=int, default=2, help="CPUs for Ray (one client per CPU)")
-    parser.add_argument("--out", default="", help="write the rows as JSON here")
-    args = parser.parse_args(argv)
-    if not 1 <= args.per_round <= args.nodes:
-        parser.error("--per-round must be between 1 and --nodes")
-
-    from flwr.simulation import run_simulation
-
-    from simulations.client_app import app as client_app
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    rows: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"finished": False}
-    t0 = time.perf_counter()
-    run_simulation(
-        server_app=_server_app(args, rows, info),
-        client_app=client_app,
-        num_supernodes=args.nodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": args.actors},
-        },
-    )
-    total = time.perf_counter() - t0
-    if not info["finished"] or len(rows) != args.rounds:
-        raise SystemExit(f"the federation did not finish: {len(rows)} of {args.rounds} rounds (see the log above)")
+def _report(args: argparse.Namespace, rows: list[dict[str, Any]], info: dict[str, Any], total: float) -> None:
+    """Print the machine, the set-up and one table row per round."""
     print(f"\n{machine()}")
     print(
         f"{args.nodes} virtual SuperNodes (Ray backend, {args.actors} actors of 1 CPU), {args.per_round} sampled per "
@@ -259,6 +221,49 @@ def main(argv: list[str] | None = None) -> None:
     )
     traffic = info["traffic"]
     print(f"traffic totals: {json.dumps(traffic)}; rejected replies: {info['rejections']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the federation and print one row per round, then a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000, help="virtual SuperNodes")
+    parser.add_argument("--per-round", type=int, default=15, help="nodes sampled per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=1, help="uplink rank")
+    parser.add_argument("--downlink-rank", type=int, default=4)
+    parser.add_argument("--no-downlink", action="store_true", help="dense broadcast (Flower's default)")
+    parser.add_argument(
+        "--no-hold-initial",
+        action="store_true",
+        help="nodes do not hold the initial model: each node's first download is dense",
+    )
+    parser.add_argument("--actors", type=int, default=2, help="CPUs for Ray (one client per CPU)")
+    parser.add_argument("--out", default="", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not 1 <= args.per_round <= args.nodes:
+        parser.error("--per-round must be between 1 and --nodes")
+
+    from flwr.simulation import run_simulation
+
+    from simulations.client_app import app as client_app
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"finished": False}
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=_server_app(args, rows, info),
+        client_app=client_app,
+        num_supernodes=args.nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": args.actors},
+        },
+    )
+    total = time.perf_counter() - t0
+    if not info["finished"] or len(rows) != args.rounds:
+        raise SystemExit(f"the federation did not finish: {len(rows)} of {args.rounds} rounds (see the log above)")
+    _report(args, rows, info, total)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "info": info, "rows": rows}, indent=2))
