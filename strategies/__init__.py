@@ -10,13 +10,14 @@ Pair it with :func:`clients.osd_mod` on the ClientApp. :class:`strategies.local_
 runs a ServerApp's strategy against ClientApps in this process (tests, fast sweeps).
 """
 
-from strategies.metering import ByteMeter, MessageSize, MeteredGrid, TrafficRow, message_size
+from strategies.metering import ByteMeter, ForwardingGrid, MessageSize, MeteredGrid, TrafficRow, message_size
 from strategies.osd_strategy import OSDStrategy
 from strategies.reporting import FederationStalled, Rejection
 
 __all__ = [
     "ByteMeter",
     "FederationStalled",
+    "ForwardingGrid",
     "MessageSize",
     "MeteredGrid",
     "OSDStrategy",

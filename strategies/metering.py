@@ -53,7 +53,7 @@ from osd_fl.records import (
     METRIC_PAYLOAD_BYTES_UP,
 )
 
-__all__ = ["ByteMeter", "MessageSize", "MeteredGrid", "TrafficRow", "message_size"]
+__all__ = ["ByteMeter", "ForwardingGrid", "MessageSize", "MeteredGrid", "TrafficRow", "message_size"]
 
 Direction = Literal["down", "up"]
 
@@ -215,28 +215,17 @@ class ByteMeter:
         return out
 
 
-class MeteredGrid(Grid):
-    """A :class:`~flwr.serverapp.Grid` proxy that meters every message.
+class ForwardingGrid(Grid):
+    """A :class:`~flwr.serverapp.Grid` proxy that forwards everything to the grid it wraps.
 
-    Parameters
-    ----------
-    grid
-        The grid Flower handed to the ServerApp.
-    meter
-        Where counts go.
-
-    Notes
-    -----
-    ``send_and_receive`` is forwarded to the wrapped grid's own
-    ``send_and_receive`` (which keeps its polling behaviour); the messages
-    handed to it are counted as sent once it returns, when the grid has
-    stamped their message ids, and every reply it returns is counted as
-    received. ``push_messages`` / ``pull_messages`` are metered the same way.
+    Subclass it to observe a grid: override what you watch (``send_and_receive``,
+    ``push_messages``, ``pull_messages``) and call ``super()``. Anything the
+    :class:`Grid` interface does not name (``close``, ``state``, ...) also
+    comes from the wrapped grid.
     """
 
-    def __init__(self, grid: Grid, meter: ByteMeter) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.meter = meter
 
     @property
     def wrapped(self) -> Grid:
@@ -272,6 +261,53 @@ class MeteredGrid(Grid):
         return self._grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forward to the wrapped grid."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forward to the wrapped grid."""
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+    ) -> Iterable[Message]:
+        """Forward to the wrapped grid."""
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything else (``close``, ``state``, ...) comes from the wrapped grid."""
+        if name == "_grid":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self._grid, name)
+
+
+class MeteredGrid(ForwardingGrid):
+    """A :class:`~flwr.serverapp.Grid` proxy that meters every message.
+
+    Parameters
+    ----------
+    grid
+        The grid Flower handed to the ServerApp.
+    meter
+        Where counts go.
+
+    Notes
+    -----
+    ``send_and_receive`` is forwarded to the wrapped grid's own
+    ``send_and_receive`` (which keeps its polling behaviour); the messages
+    handed to it are counted as sent once it returns, when the grid has
+    stamped their message ids, and every reply it returns is counted as
+    received. ``push_messages`` / ``pull_messages`` are metered the same way.
+    """
+
+    def __init__(self, grid: Grid, meter: ByteMeter) -> None:
+        super().__init__(grid)
+        self.meter = meter
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push through the wrapped grid and count the messages as sent."""
         batch = list(messages)
         ids = list(self._grid.push_messages(batch))
@@ -296,9 +332,3 @@ class MeteredGrid(Grid):
         self.meter.count(batch, "down")
         self.meter.count(replies, "up")
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        """Anything else (``close``, ``state``, ...) comes from the wrapped grid."""
-        if name == "_grid":  # not yet set (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self._grid, name)

@@ -9,60 +9,41 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.common.serde import message_to_proto
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from osd_fl import CompressionConfig
 from osd_fl.records import PAYLOAD_RECORD_KEY, STATE_RESIDUAL_KEY, record_to_payload
 from simulations.app_config import AppSettings
 from simulations.digits_client import app as client_app
 from simulations.digits_server import run_server
+from strategies import ForwardingGrid
 from strategies.local_grid import LocalGrid
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(ForwardingGrid):
     """Keeps every message that crosses the real grid, to size them independently of the meter."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.sent: list[Message] = []
         self.received: list[Message] = []
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         batch = list(messages)
         self.sent.extend(batch)
-        return self.grid.push_messages(batch)
+        return super().push_messages(batch)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.grid.pull_messages(message_ids))
+        replies = list(super().pull_messages(message_ids))
         self.received.extend(replies)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         batch = list(messages)
         self.sent.extend(batch)
-        replies = list(self.grid.send_and_receive(batch, timeout=timeout))
+        replies = list(super().send_and_receive(batch, timeout=timeout))
         self.received.extend(replies)
         return replies
 

@@ -32,10 +32,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from osd_fl import CompressionConfig
 from osd_fl.downlink import model_bytes
@@ -45,49 +43,27 @@ from simulations.bench.harness import machine, print_table, rss_bytes
 from simulations.federation import run_federation
 from simulations.text import TextTaskConfig, evaluate
 from simulations.text_fl import get_task
+from strategies import ForwardingGrid
 
 __all__ = ["TimedGrid", "main", "ray_workers_rss"]
 
 
-class TimedGrid(Grid):
-    """A :class:`Grid` that adds up the seconds spent waiting for replies (``send_and_receive``)."""
+class TimedGrid(ForwardingGrid):
+    """A grid proxy that adds up the seconds spent waiting for replies (``send_and_receive``)."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.waiting = 0.0
         #: Nodes sent a train instruction so far (each then holds state in its context).
         self.trained: set[int] = set()
 
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Forward to the wrapped grid; time the wait and note the nodes told to train."""
         batch = list(messages)
         self.trained.update(m.metadata.dst_node_id for m in batch if m.metadata.message_type == MessageType.TRAIN)
         t0 = time.perf_counter()
         try:
-            return list(self.grid.send_and_receive(batch, timeout=timeout))
+            return list(super().send_and_receive(batch, timeout=timeout))
         finally:
             self.waiting += time.perf_counter() - t0
 
