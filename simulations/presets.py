@@ -249,6 +249,19 @@ PRESETS: dict[str, SweepConfig] = {
         compression={"min_numel": 0},
         task=FULL_MODEL_TASK,
     ),
+    # Compressed broadcast (issue 15) on the full-model task: the fullmodel preset's dense and OSD
+    # (uplink only) runs, and OSD both ways (every DOWNLINK_SPECS variant), all 4 clients every round.
+    # 24 runs (dense and osd are the fullmodel preset's, copied); about 5 min each, two shards.
+    "fullmodel-downlink": SweepConfig(
+        name="fullmodel-downlink",
+        methods=DOWNLINK_METHODS,
+        ranks=(1,),
+        seeds=(0, 1, 2),
+        rounds=10,
+        threads=1,
+        compression={"min_numel": 0},
+        task=FULL_MODEL_TASK,
+    ),
     # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds
     # (14 runs, about 8 min when the CPU is free).
     "noniid": SweepConfig(
