@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,8 @@ from simulations.analysis import (
     summary_markdown,
     t_quantile_975,
 )
+from simulations.compare import compare_table, load_runs
+from simulations.compare import main as compare_main
 from simulations.presets import PRESETS, RANK_FREE
 from simulations.sweep import parse_args, plan
 
@@ -114,3 +118,32 @@ def test_plan_puts_rank_free_first_then_rank_by_rank_and_shards_split_it() -> No
     assert parsed.shard == (1, 2) and parsed.compression == {"min_numel": 0, "relax": "2"}
     with pytest.raises(SystemExit):
         parse_args(["--preset", "fullmodel", "--shard", "2/2"])
+
+
+def _write_runs(folder: Path, rows: list[dict[str, Any]]) -> None:
+    (folder / "runs").mkdir(parents=True)
+    fields = ["method", "rank", "seed", "round", "cum_bytes_up", "cum_bytes_down", "test_accuracy", "compress_s"]
+    for r in rows:
+        r.setdefault("cum_bytes_down", 0)
+        r["compress_s"] = {"osd": 0.2, "truncsvd": 0.1}.get(r["method"], 0.0) if r["round"] else 0.0
+    for key in {(r["method"], r["rank"], r["seed"]) for r in rows}:
+        with (folder / "runs" / "{}_r{}_s{}.csv".format(*key)).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(r for r in rows if (r["method"], r["rank"], r["seed"]) == key)
+
+
+def test_compare_command_pairs_against_any_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_runs(tmp_path, _sweep_rows())
+    assert compare_main([str(tmp_path), "--reference", "osd", "--last-k", "2"]) == 0
+    out = capsys.readouterr().out
+    # the mirror of test_compare_pairs_by_seed_at_equal_bytes: TruncSVD is 2.75 points behind OSD in
+    # both seeds, sends 10/10.5 of its bytes and takes half its compression time
+    assert "| truncsvd | 1 | 2 | 79.25 | -2.75 ± 0.00 |" in out
+    assert "| 0.952 | 0.50 |" in out
+    assert "| osd | 1 |" not in out and "| dense |" not in out  # the reference and rank-free runs
+    assert compare_table(load_runs(tmp_path), "truncsvd", ["osd"], last_k=2).count("| osd | 1 | 2 | 82.00 | +2.75") == 1
+    with pytest.raises(SystemExit, match="osd-int8 not in"):
+        compare_main([str(tmp_path), "--reference", "osd", "--methods", "osd-int8"])
+    with pytest.raises(SystemExit, match="no run CSVs"):
+        compare_main([str(tmp_path / "nothing")])
