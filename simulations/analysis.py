@@ -113,15 +113,19 @@ def bytes_to_target(curve: Curve, target: float) -> float:
 
 
 def _equal_bytes_gap(
-    curves: Mapping[tuple[str, int, int], Curve], method: str, rank: int, reference: str, seeds: Sequence[int]
+    curves: Mapping[tuple[str, int, int], Curve],
+    method: str,
+    rank: int,
+    reference: tuple[str, int],
+    seeds: Sequence[int],
 ) -> tuple[float, float, int]:
-    """Largest mean paired gap at the reference's cumulative bytes: (gap, its half-width, round)."""
+    """Largest mean paired gap at the reference's (method, rank) cumulative bytes: (gap, half-width, round)."""
     best = (math.nan, math.nan, 0)
-    n_rounds = min(len(curves[(reference, rank, s)].bytes_up) for s in seeds)
+    n_rounds = min(len(curves[(*reference, s)].bytes_up) for s in seeds)
     for k in range(n_rounds):
         diffs = []
         for s in seeds:
-            ref = curves[(reference, rank, s)]
+            ref = curves[(*reference, s)]
             acc = accuracy_at_bytes(curves[(method, rank, s)], ref.bytes_up[k])
             diffs.append(acc - ref.accuracy[k])
         if any(math.isnan(d) for d in diffs):
@@ -138,6 +142,7 @@ def compare(
     last_k: int = 3,
     target_drop: float = 0.02,
     reference: str = "truncsvd",
+    reference_rank: int | None = None,
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Per ``(method, rank)``: last-rounds accuracy, bytes to target, and paired gaps to ``reference``.
 
@@ -153,6 +158,9 @@ def compare(
         without a dense run there is no target.
     reference
         The method the paired gaps are measured against, at the same rank.
+    reference_rank
+        Pair against the reference at this rank instead (0 for a rank-free
+        reference such as dense FedAvg).
 
     Returns
     -------
@@ -186,11 +194,12 @@ def compare(
             "vs_ref_bytes_ci": math.nan,
             "vs_ref_bytes_round": 0,
         }
-        paired = [s for s in seeds if (reference, rank, s) in curves]
-        if rank > 0 and method != reference and paired:
-            diffs = [curves[(method, rank, s)].last_mean(k) - curves[(reference, rank, s)].last_mean(k) for s in paired]
+        ref = (reference, rank if reference_rank is None else reference_rank)
+        paired = [s for s in seeds if (*ref, s) in curves]
+        if rank > 0 and (method, rank) != ref and paired:
+            diffs = [curves[(method, rank, s)].last_mean(k) - curves[(*ref, s)].last_mean(k) for s in paired]
             entry["vs_ref_last"], entry["vs_ref_last_ci"] = (100 * x for x in paired_interval(diffs))
-            gap, half, rnd = _equal_bytes_gap(curves, method, rank, reference, paired)
+            gap, half, rnd = _equal_bytes_gap(curves, method, rank, ref, paired)
             entry.update(vs_ref_bytes=100 * gap, vs_ref_bytes_ci=100 * half, vs_ref_bytes_round=rnd)
         out[(method, rank)] = entry
     return out

@@ -71,16 +71,20 @@ def compare_table(
     """A markdown table of ``methods`` (default: all but the reference) against ``reference``, by rank.
 
     Ratios (uplink bytes, compression seconds) are means over the seeds both
-    methods ran; a rank the reference did not run gets no paired numbers.
+    methods ran; a rank the reference did not run gets no row. A rank-free
+    reference (dense FedAvg, fp16, int8: rank 0 only) is paired with every rank.
     """
-    stats = compare(rows, last_k=last_k, reference=reference)
     up = _final(rows, "cum_bytes_up", "last")
     secs = _final(rows, "compress_s", "mean")
     seeds: dict[tuple[str, int], set[int]] = {}
     for method, rank, seed in up:
         seeds.setdefault((method, rank), set()).add(seed)
+    rank_free = {r for m, r in seeds if m == reference} == {0}
+    stats = compare(rows, last_k=last_k, reference=reference, reference_rank=0 if rank_free else None)
     lines = [
-        f"Against `{reference}` at the same rank, paired by seed (95% CI); last-{last_k} = mean of the last "
+        f"Against `{reference}` "
+        + ("(rank-free: paired with every rank)" if rank_free else "at the same rank")
+        + f", paired by seed (95% CI); last-{last_k} = mean of the last "
         f"{last_k} rounds.",
         "",
         f"| method | rank | seeds | last-{last_k} acc. (%) | vs {reference} last-{last_k} (pts) | "
@@ -90,9 +94,12 @@ def compare_table(
     for (method, rank), entry in sorted(stats.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if method == reference or (methods and method not in methods) or rank == 0:
             continue
-        both = sorted(seeds[(method, rank)] & seeds.get((reference, rank), set()))
-        ratio_up = _ratio(up, method, reference, rank, both)
-        ratio_s = _ratio(secs, method, reference, rank, both)
+        ref_rank = 0 if rank_free else rank
+        both = sorted(seeds[(method, rank)] & seeds.get((reference, ref_rank), set()))
+        if not both:
+            continue
+        ratio_up = _ratio(up, (method, rank), (reference, ref_rank), both)
+        ratio_s = _ratio(secs, (method, rank), (reference, ref_rank), both)
         gap = f"{entry['vs_ref_last']:+.2f} ± {entry['vs_ref_last_ci']:.2f}"
         at_bytes = (
             f"{entry['vs_ref_bytes']:+.2f} ± {entry['vs_ref_bytes_ci']:.2f} (round {entry['vs_ref_bytes_round']})"
@@ -104,11 +111,11 @@ def compare_table(
     return "\n".join(lines) + "\n"
 
 
-def _ratio(values: Mapping[tuple[str, int, int], float], method: str, ref: str, rank: int, seeds: list[int]) -> float:
-    if not seeds:
-        return math.nan
-    num = statistics.fmean(values[(method, rank, s)] for s in seeds)
-    den = statistics.fmean(values[(ref, rank, s)] for s in seeds)
+def _ratio(
+    values: Mapping[tuple[str, int, int], float], run: tuple[str, int], ref: tuple[str, int], seeds: list[int]
+) -> float:
+    num = statistics.fmean(values[(*run, s)] for s in seeds)
+    den = statistics.fmean(values[(*ref, s)] for s in seeds)
     return num / den if den else math.nan
 
 

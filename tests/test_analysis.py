@@ -143,6 +143,10 @@ def test_compare_command_pairs_against_any_reference(tmp_path: Path, capsys: pyt
     assert "| 0.952 | 0.50 |" in out
     assert "| osd | 1 |" not in out and "| dense |" not in out  # the reference and rank-free runs
     assert compare_table(load_runs(tmp_path), "truncsvd", ["osd"], last_k=2).count("| osd | 1 | 2 | 82.00 | +2.75") == 1
+    # a rank-free reference (dense, rank 0) is paired with every rank: TruncSVD's last-2 is 5 points
+    # below dense's in both seeds, at 10/1000 of its bytes
+    assert compare_main([str(tmp_path), "--reference", "dense", "--last-k", "2"]) == 0
+    assert "| truncsvd | 1 | 2 | 79.25 | -5.00 ± 0.00 | +11.00 ± 0.00 (round 1) | 0.010 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="osd-int8 not in"):
         compare_main([str(tmp_path), "--reference", "osd", "--methods", "osd-int8"])
     with pytest.raises(SystemExit, match="no run CSVs"):

@@ -29,7 +29,11 @@ from strategies.aggregation import FACTOR_CHUNK, FactorSum, accumulate
 
 __all__ = ["main"]
 
-MODELS = {"minilm": {}, "bert-base": {"layers": 12, "hidden": 768, "ffn": 3072}}
+MODELS = {
+    "minilm": {},
+    "bert-base": {"layers": 12, "hidden": 768, "ffn": 3072},
+    "bert-large": {"layers": 24, "hidden": 1024, "ffn": 4096},
+}
 
 
 def _payloads(shapes: dict[str, tuple[int, ...]], distinct: int, method: str, rank: int) -> tuple[list[Payload], float]:
