@@ -250,11 +250,12 @@ PRESETS: dict[str, SweepConfig] = {
         task=FULL_MODEL_TASK,
     ),
     # Compressed broadcast (issue 15) on the full-model task: the fullmodel preset's dense and OSD
-    # (uplink only) runs, and OSD both ways (every DOWNLINK_SPECS variant), all 4 clients every round.
-    # 24 runs (dense and osd are the fullmodel preset's, copied); about 5 min each, two shards.
+    # (uplink only) runs, and OSD both ways (rank-1 and rank-4 broadcasts, with and without server-side
+    # EF, and rank 1 to clients that hold the initial model), all 4 clients every round. 18 runs (dense
+    # and osd are the fullmodel preset's: copy them); about 5 min each with two shards side by side.
     "fullmodel-downlink": SweepConfig(
         name="fullmodel-downlink",
-        methods=DOWNLINK_METHODS,
+        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down4", "osd+down4-noef"),
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=10,
