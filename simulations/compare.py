@@ -11,7 +11,9 @@ It reads the sweep folder's ``runs/*.csv`` (every finished run, whatever the
 shard that wrote it) and prints one markdown row per method and rank: the
 last-rounds accuracy and its paired gap to the reference, the largest paired
 gap at equal cumulative uplink bytes, the uplink bytes and the client's
-compression seconds as ratios to the reference's (same seeds).
+compression seconds (median over rounds) as ratios to the reference's
+(same seeds). Seconds from runs made at different times on a shared machine
+are not a side-by-side measurement: read that column as a rough guide.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
 
 
 def _final(rows: Sequence[Mapping[str, Any]], field: str, agg: str) -> dict[tuple[str, int, int], float]:
-    """Per run: the last round's ``field`` (agg="last") or the mean over rounds 1.. (agg="mean")."""
+    """Per run: the last round's ``field`` (agg="last") or its median over rounds 1.. (agg="median").
+
+    A median, not a mean: one stalled round (a busy machine) can take 100x the others.
+    """
     by_run: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
     for r in rows:
         by_run.setdefault((str(r["method"]), int(r["rank"]), int(r["seed"])), []).append(r)
@@ -57,7 +62,7 @@ def _final(rows: Sequence[Mapping[str, Any]], field: str, agg: str) -> dict[tupl
     for key, rs in by_run.items():
         rs = sorted(rs, key=lambda r: int(r["round"]))
         values = [float(r[field]) for r in rs if int(r["round"]) > 0]
-        out[key] = values[-1] if agg == "last" else statistics.fmean(values) if values else math.nan
+        out[key] = values[-1] if agg == "last" else statistics.median(values) if values else math.nan
     return out
 
 
@@ -75,7 +80,7 @@ def compare_table(
     reference (dense FedAvg, fp16, int8: rank 0 only) is paired with every rank.
     """
     up = _final(rows, "cum_bytes_up", "last")
-    secs = _final(rows, "compress_s", "mean")
+    secs = _final(rows, "compress_s", "median")
     seeds: dict[tuple[str, int], set[int]] = {}
     for method, rank, seed in up:
         seeds.setdefault((method, rank), set()).add(seed)
