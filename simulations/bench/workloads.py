@@ -20,15 +20,10 @@ from strategies.local_grid import LocalGrid, train_message
 BERT_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "minilm": (6, 384, 12, 1536),  # all-MiniLM-L6-v2, the project's text-task model
     "bert-base": (12, 768, 12, 3072),
-    "bert-large": (24, 1024, 16, 4096),  # 303M uploaded entries: 28x MiniLM, 3.5x BERT-base
 }
 
 
-MODEL_LABELS = {
-    "minilm": "MiniLM-L6 (H384)",
-    "bert-base": "BERT-base (H768, L12)",
-    "bert-large": "BERT-large (H1024, L24)",
-}
+MODEL_LABELS = {"minilm": "MiniLM-L6 (H384)", "bert-base": "BERT-base (H768, L12)"}
 
 
 def bert_model(name: str, quick: bool, *, meta: bool = False) -> torch.nn.Module:
