@@ -250,18 +250,32 @@ PRESETS: dict[str, SweepConfig] = {
         task=FULL_MODEL_TASK,
     ),
     # Compressed broadcast (issue 15) on the full-model task: the fullmodel preset's dense and OSD
-    # (uplink only) runs, and OSD both ways (rank-1 and rank-4 broadcasts, with and without server-side
-    # EF, and rank 1 to clients that hold the initial model), all 4 clients every round. 18 runs (dense
+    # (uplink only) runs, and OSD both ways (rank-1, 2 and 4 broadcasts, with and without server-side
+    # EF, and rank 1 to clients that hold the initial model), all 4 clients every round. 21 runs (dense
     # and osd are the fullmodel preset's: copy them); about 5 min each with two shards side by side.
     "fullmodel-downlink": SweepConfig(
         name="fullmodel-downlink",
-        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down4", "osd+down4-noef"),
+        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down2", "osd+down4", "osd+down4-noef"),
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=10,
         threads=1,
         compression={"min_numel": 0},
         task=FULL_MODEL_TASK,
+    ),
+    # The same with partial participation: 8 clients holding 500 examples each, 4 a round (the same
+    # work per round as fullmodel-downlink), so nodes skip rounds and catch up by a chain of broadcasts
+    # or a dense resend. 21 runs, about 5 min each with two shards side by side.
+    "fullmodel-downlink-partial": SweepConfig(
+        name="fullmodel-downlink-partial",
+        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down2", "osd+down4", "osd+down4-noef"),
+        ranks=(1,),
+        seeds=(0, 1, 2),
+        rounds=10,
+        fraction_train=0.5,
+        threads=1,
+        compression={"min_numel": 0},
+        task={**FULL_MODEL_TASK, "num_clients": 8},
     ),
     # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds
     # (14 runs, about 8 min when the CPU is free).
