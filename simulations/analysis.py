@@ -23,10 +23,12 @@ one pre-chosen point; its interval is that round's interval.
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "compare",
     "curves_by_run",
     "paired_interval",
+    "read_rows",
+    "rows_by_run",
     "summarize",
     "summary_markdown",
     "t_quantile_975",
@@ -78,18 +82,31 @@ class Curve:
         return statistics.fmean(self.accuracy[-k:])
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The round rows of one run CSV (or of a sweep's ``rounds.csv``), as strings."""
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def rows_by_run(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int, int], list[Mapping[str, Any]]]:
+    """``(method, rank, seed)`` -> that run's round rows, in round order (round 0 included)."""
+    out: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((str(r["method"]), int(r["rank"]), int(r["seed"])), []).append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: int(r["round"]))
+    return out
+
+
 def curves_by_run(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int, int], Curve]:
     """``(method, rank, seed)`` -> its :class:`Curve`, from the sweep's round rows."""
-    points: dict[tuple[str, int, int], list[tuple[int, float, float]]] = {}
-    for r in rows:
-        if int(r["round"]) < 1:
-            continue
-        key = (str(r["method"]), int(r["rank"]), int(r["seed"]))
-        points.setdefault(key, []).append((int(r["round"]), float(r["cum_bytes_up"]), float(r["test_accuracy"])))
     out: dict[tuple[str, int, int], Curve] = {}
-    for key, pts in points.items():
-        pts.sort()
-        out[key] = Curve(tuple(p[1] for p in pts), tuple(p[2] for p in pts))
+    for key, rs in rows_by_run(rows).items():
+        pts = [r for r in rs if int(r["round"]) >= 1]
+        if pts:
+            out[key] = Curve(
+                tuple(float(r["cum_bytes_up"]) for r in pts), tuple(float(r["test_accuracy"]) for r in pts)
+            )
     return out
 
 

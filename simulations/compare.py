@@ -19,7 +19,6 @@ are not a side-by-side measurement: read that column as a rough guide.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.analysis import compare
+from simulations.analysis import compare, read_rows, rows_by_run
 
 __all__ = ["compare_table", "load_runs", "main"]
 
@@ -43,11 +42,7 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
     paths = sorted((folder / "runs").glob("*.csv"))
     if not paths:
         raise SystemExit(f"no run CSVs in {folder / 'runs'}: run the sweep first (python -m simulations.sweep)")
-    rows: list[dict[str, Any]] = []
-    for path in paths:
-        with path.open(newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    return rows
+    return [row for path in paths for row in read_rows(path)]
 
 
 def _final(rows: Sequence[Mapping[str, Any]], field: str, agg: str) -> dict[tuple[str, int, int], float]:
@@ -55,12 +50,8 @@ def _final(rows: Sequence[Mapping[str, Any]], field: str, agg: str) -> dict[tupl
 
     A median, not a mean: one stalled round (a busy machine) can take 100x the others.
     """
-    by_run: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        by_run.setdefault((str(r["method"]), int(r["rank"]), int(r["seed"])), []).append(r)
     out = {}
-    for key, rs in by_run.items():
-        rs = sorted(rs, key=lambda r: int(r["round"]))
+    for key, rs in rows_by_run(rows).items():
         values = [float(r[field]) for r in rs if int(r["round"]) > 0]
         out[key] = values[-1] if agg == "last" else statistics.median(values) if values else math.nan
     return out

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from osd_fl import CompressionConfig
 from osd_fl.settings import coerce_value
-from simulations.analysis import summarize, summary_markdown
+from simulations.analysis import read_rows, summarize, summary_markdown
 from simulations.devices import torch_threads
 from simulations.presets import CACHED_ERA, DOWNLINK_SPECS, METHOD_SPECS, PRESETS, RANK_FREE, SweepConfig
 from simulations.text import TextTaskConfig
@@ -118,11 +118,6 @@ def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[
     os.replace(tmp, path)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
     """Run every missing run of ``cfg`` into ``out/runs``; return all round rows."""
     with torch_threads(cfg.threads):  # restored afterwards: the caller may be a notebook or a test
@@ -166,7 +161,7 @@ def _run_sweep(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
         print(f"{len(missing)} of {len(runs)} runs not finished yet (other shards); summarising the rest")
     for method, rank, seed in runs:
         if (method, rank, seed) not in missing:
-            all_rows += _read_rows(out / "runs" / f"{run_id(method, rank, seed)}.csv")
+            all_rows += read_rows(out / "runs" / f"{run_id(method, rank, seed)}.csv")
     _write_rows(out / "rounds.csv", all_rows, ROUND_FIELDS)
     return all_rows
 
