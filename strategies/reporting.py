@@ -55,7 +55,9 @@ class Rejection:
     """``invalid`` (failed validation), ``norm`` (outside the norm bound),
     ``range`` (would take the model out of its dtype's safe range),
     ``unsolicited`` (unsampled node or second reply), ``error`` (Flower error
-    reply), ``no-reply`` (sampled, nothing received before the timeout) or
+    reply), ``resync`` (the node's replica of the compressed broadcast did not
+    match: it asks for the dense model, which the next round sends),
+    ``no-reply`` (sampled, nothing received before the timeout) or
     ``evaluate`` (an evaluate reply left out of the metrics)."""
 
 
@@ -108,6 +110,8 @@ class RejectionLog:
             log.warning("round %d: node %d sent no reply before the timeout", server_round, node)
             return
         self.rejections.append(entry)
+        if kind == "resync":  # expected after a lost state or a corrupted broadcast; the downlink logs it
+            return
         log.warning("round %d: reply from node %d excluded: %s", server_round, node, reason)
 
     def of_round(self, server_round: int) -> list[Rejection]:

@@ -125,8 +125,11 @@ def test_lost_state_and_a_corrupted_chain_make_nodes_resync_and_nothing_trains_o
     down = strategy.downlink
     assert down is not None
     assert len(grid.corrupted) == 1 and grid.wiped
-    errors = [r for r in strategy.rejections if r.kind == "error"]
+    errors = [r for r in strategy.rejections if r.kind == "resync"]
     assert errors and all("resync" in r.reason for r in errors)
+    assert not [r for r in strategy.rejections if r.kind == "error"]  # a resync request is not a failure
+    train = [row for row in strategy.history if row.get("phase") == "train"]
+    assert sum(row["failed"] for row in train) == 0 and sum(row["resyncs"] for row in train) == len(errors)
     assert any("digest" in r.reason or "malformed" in r.reason or "CRC" in r.reason for r in errors)
     assert any("no replica in context.state" in r.reason for r in errors)
     assert down.counts.resyncs == len(errors) >= 2
@@ -165,7 +168,8 @@ def test_clients_that_hold_the_initial_model_skip_the_dense_first_download() -> 
     wrong.client_app = _held_app(seed=1)
     strategy = _run(wrong, downlink=Downlink(DOWN, clients_hold_initial=True), rounds=4)
     assert strategy.downlink is not None and strategy.downlink.counts.resyncs >= 1
-    assert all("digest" in r.reason for r in strategy.rejections if r.kind == "error")
+    resyncs = [r for r in strategy.rejections if r.kind == "resync"]
+    assert resyncs and all("digest" in r.reason for r in resyncs)
     assert strategy.downlink.counts.dense >= 1
 
 
