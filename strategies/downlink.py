@@ -36,9 +36,14 @@ from osd_fl.records import (
     tensors_to_record,
 )
 
-__all__ = ["Downlink", "DownlinkCounts"]
+__all__ = ["Downlink", "DownlinkCounts", "is_resync_request"]
 
 log = logging.getLogger("flwr.osd.downlink")
+
+
+def is_resync_request(reply: Message) -> bool:
+    """True for an error reply whose reason is the client mod's request for a dense resync."""
+    return reply.has_error() and (reply.error.reason or "").startswith(RESYNC_REASON)
 
 
 @dataclass
@@ -178,7 +183,7 @@ class Downlink:
                 continue
             node = found
             if reply.has_error():
-                if (reply.error.reason or "").startswith(RESYNC_REASON):
+                if is_resync_request(reply):
                     self.counts.round(server_round)["resyncs"] += 1
                     log.info("round %d: node %d asks for a dense resync (%s)", server_round, node, reply.error.reason)
                 continue

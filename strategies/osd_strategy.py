@@ -13,11 +13,9 @@ and pairs with :func:`clients.osd_mod` on the ClientApp. Per round it
 2. checks each reply against the global model it was sent (from a node
    sampled this round, one reply per node, payload framing,
    ``num-examples``, size limit, format version, method, tensor names,
-   shapes and dtypes, positions, finite values, and optionally the norm of
-   the decoded update), rejecting a bad reply with its reason logged and
-   counted instead of failing the round; a sampled node that sent nothing
-   (timeout) and an error reply count as ``failed`` (but a node's request
-   for a dense resync of the compressed broadcast counts as ``resyncs``);
+   shapes and dtypes, positions, finite values, and optionally the norm of the decoded
+   update), rejecting a bad reply with its reason logged and counted instead of failing
+   the round; no reply (timeout) or an error reply counts as ``failed`` (a resync request: ``resyncs``);
 3. rebuilds accepted replies one tensor at a time into a float64 weighted
    running sum (memory: the sums, 2x a float32 model, plus one tensor,
    however many clients answer) and forms
@@ -62,13 +60,12 @@ from osd_fl.records import (
     METRIC_NO_REPLY,
     METRIC_REJECTED,
     METRIC_REJECTED_NORM,
-    RESYNC_REASON,
     WEIGHT_KEY,
     config_to_record,
     record_specs,
 )
 from strategies.aggregation import Aggregator, FactorSum, RoundInputs, Valid, resum, zeros
-from strategies.downlink import Downlink
+from strategies.downlink import Downlink, is_resync_request
 from strategies.metering import ByteMeter, MeteredGrid
 from strategies.metrics import clean_reply, merge_metrics
 from strategies.norm_bound import NormBound
@@ -157,8 +154,7 @@ class OSDStrategy(Strategy):
     -----
     Validation and faults: a reply that fails validation (counted
     ``rejected``), carries a Flower error or never arrives (``failed``;
-    ``no-reply`` counts the latter; a resync request of the compressed
-    broadcast counts as ``resyncs`` instead) is left out, its reason logged and kept
+    ``no-reply`` counts the latter; a resync request, ``resyncs``) is left out, its reason logged and kept
     in :attr:`rejections` (missing replies in :attr:`missing`); the round is
     the weighted average of the others, exactly as if the bad ones had never
     replied. If none is accepted the global model is unchanged. See
@@ -533,14 +529,12 @@ class OSDStrategy(Strategy):
                 self._log.reject(server_round, node, why, kind="unsolicited")
                 continue
             answered.add(node)
-            if msg.has_error() and self._asks_resync(msg):
-                # the protocol at work, not a fault: counted in the downlink's ``resyncs``
-                self._log.reject(server_round, node, f"asks for a dense resync: {msg.error.reason}", kind="resync")
-                continue
-            if msg.has_error():
-                counts[METRIC_FAILED] += 1
-                reason = f"error reply (code {msg.error.code}): {msg.error.reason}"
-                self._log.reject(server_round, node, reason, failed=True, kind="error")
+            if msg.has_error():  # a resync request of the broadcast counts in ``resyncs``, not ``failed``
+                resync = self.downlink is not None and is_resync_request(msg)
+                counts[METRIC_FAILED] += 0 if resync else 1
+                why = "asks for a dense resync" if resync else f"error reply (code {msg.error.code})"
+                kind = "resync" if resync else "error"
+                self._log.reject(server_round, node, f"{why}: {msg.error.reason}", failed=not resync, kind=kind)
                 continue
             checked = self._check(rnd, node, msg, counts)
             if checked is None:
@@ -556,10 +550,6 @@ class OSDStrategy(Strategy):
             counts[METRIC_NO_REPLY] += 1
             self._log.reject(server_round, node, "no reply before the timeout", failed=True, kind="no-reply")
         return kept, total_weight
-
-    def _asks_resync(self, msg: Message) -> bool:
-        """True for an error reply whose reason is the client mod's resync request (downlink on)."""
-        return self.downlink is not None and (msg.error.reason or "").startswith(RESYNC_REASON)
 
     def _check(self, rnd: RoundInputs, node: int, msg: Message, counts: dict[str, int]) -> tuple[Valid, Payload] | None:
         """Validate one reply (:func:`strategies.replies.check_reply`) and the absolute bound; record a rejection."""
