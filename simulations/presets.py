@@ -10,7 +10,7 @@ to a compressed broadcast); :class:`SweepConfig` is one sweep;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from osd_fl import methods_with
@@ -128,6 +128,21 @@ FULL_MODEL_TASK: dict[str, Any] = {
 
 #: The downlink presets' methods: dense, OSD uplink only, and OSD both ways (see DOWNLINK_SPECS).
 DOWNLINK_METHODS = ("dense", "osd", *DOWNLINK_SPECS)
+
+#: Compressed broadcast (issue 15) on the full-model task: the fullmodel preset's dense and OSD
+#: (uplink only) runs, and OSD both ways (rank-1, 2 and 4 broadcasts, with and without server-side
+#: EF, and rank 1 to clients that hold the initial model), all 4 clients every round. 21 runs (dense
+#: and osd are the fullmodel preset's: copy them); about 5 min each with two shards side by side.
+FULL_MODEL_DOWNLINK = SweepConfig(
+    name="fullmodel-downlink",
+    methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down2", "osd+down4", "osd+down4-noef"),
+    ranks=(1,),
+    seeds=(0, 1, 2),
+    rounds=10,
+    threads=1,
+    compression={"min_numel": 0},
+    task=FULL_MODEL_TASK,
+)
 
 PRESETS: dict[str, SweepConfig] = {
     "quick": SweepConfig(
@@ -249,32 +264,14 @@ PRESETS: dict[str, SweepConfig] = {
         compression={"min_numel": 0},
         task=FULL_MODEL_TASK,
     ),
-    # Compressed broadcast (issue 15) on the full-model task: the fullmodel preset's dense and OSD
-    # (uplink only) runs, and OSD both ways (rank-1, 2 and 4 broadcasts, with and without server-side
-    # EF, and rank 1 to clients that hold the initial model), all 4 clients every round. 21 runs (dense
-    # and osd are the fullmodel preset's: copy them); about 5 min each with two shards side by side.
-    "fullmodel-downlink": SweepConfig(
-        name="fullmodel-downlink",
-        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down2", "osd+down4", "osd+down4-noef"),
-        ranks=(1,),
-        seeds=(0, 1, 2),
-        rounds=10,
-        threads=1,
-        compression={"min_numel": 0},
-        task=FULL_MODEL_TASK,
-    ),
+    "fullmodel-downlink": FULL_MODEL_DOWNLINK,
     # The same with partial participation: 8 clients holding 500 examples each, 4 a round (the same
     # work per round as fullmodel-downlink), so nodes skip rounds and catch up by a chain of broadcasts
     # or a dense resend. 21 runs, about 5 min each with two shards side by side.
-    "fullmodel-downlink-partial": SweepConfig(
+    "fullmodel-downlink-partial": replace(
+        FULL_MODEL_DOWNLINK,
         name="fullmodel-downlink-partial",
-        methods=("dense", "osd", "osd+down1", "osd+down1-held", "osd+down2", "osd+down4", "osd+down4-noef"),
-        ranks=(1,),
-        seeds=(0, 1, 2),
-        rounds=10,
         fraction_train=0.5,
-        threads=1,
-        compression={"min_numel": 0},
         task={**FULL_MODEL_TASK, "num_clients": 8},
     ),
     # Non-IID: Dirichlet(0.5) label mixes over the same 8 clients, rank 1, two seeds
