@@ -216,12 +216,14 @@ PRESETS: dict[str, SweepConfig] = {
     # Compressed broadcast (issue 15) on the default (cached) task: dense FedAvg, OSD uplink only, and OSD
     # both ways with a rank-1/2/4 broadcast (with and without server-side error feedback), all clients
     # every round. "downlink-partial": 16 clients, 4 per round, so nodes skip rounds and catch up.
+    # One torch thread per run, so that two shards side by side do not oversubscribe the 2 cores.
     "downlink": SweepConfig(
         name="downlink",
         methods=DOWNLINK_METHODS,
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=20,
+        threads=1,
         task={"num_clients": 8, "local_steps": 10},
     ),
     "downlink-partial": SweepConfig(
@@ -230,6 +232,7 @@ PRESETS: dict[str, SweepConfig] = {
         ranks=(1,),
         seeds=(0, 1, 2),
         rounds=20,
+        threads=1,
         fraction_train=0.25,
         task={"num_clients": 16, "local_steps": 10},
     ),
