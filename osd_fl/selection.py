@@ -109,14 +109,24 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
         order = torch.sort(flat, descending=True, stable=True).indices
     else:
         order = torch.topk(flat, max_count, sorted=True).indices
-    order_np = order.cpu().numpy().astype(np.int64)
+    order_np = np.asarray(order.cpu().numpy(), dtype=np.int64)
     offsets = np.cumsum([0, *slots])
-    fid = np.searchsorted(offsets, order_np, side="right") - 1
     nf = len(slots)
+    if nf == 2:  # A and B of one matrix (the common case): section ids and prefix counts in one pass each
+        fid = (order_np >= slots[0]).astype(np.int64)
+        in_a = np.concatenate([[0], np.cumsum(fid == 0)])
+        slots_a, slots_b = slots
 
-    def cost(t: int) -> int:
-        counts = np.bincount(fid[:t], minlength=nf)
-        return selection_bytes([int(c) for c in counts], slots, value_bytes)
+        def cost(t: int) -> int:
+            ca = int(in_a[t])
+            return best_coding(ca, slots_a)[2] + best_coding(t - ca, slots_b)[2] + t * value_bytes
+
+    else:
+        fid = np.searchsorted(offsets, order_np, side="right") - 1
+
+        def cost(t: int) -> int:
+            counts = np.bincount(fid[:t], minlength=nf)
+            return selection_bytes([int(c) for c in counts], slots, value_bytes)
 
     if len(order_np) == total and cost(total) <= budget:  # everything fits (coding ALL needs no positions)
         return [np.arange(m, dtype=np.int64) for m in slots]
@@ -130,11 +140,8 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     counts = [int(c) for c in np.bincount(fid[:lo], minlength=nf)]
     spent = selection_bytes(counts, slots, value_bytes)
     extra_keep = _greedy_fill(fid, lo, min(len(order_np), lo + GREEDY_SCAN), counts, slots, value_bytes, budget - spent)
-    keep = np.concatenate([np.arange(lo, dtype=np.int64), np.asarray(extra_keep, dtype=np.int64)])
-    chosen = order_np[keep]
-    chosen_fid = fid[keep]
-    out: list[npt.NDArray[np.int64]] = []
-    for f in range(nf):
-        local = chosen[chosen_fid == f] - offsets[f]
-        out.append(np.sort(local).astype(np.int64))
-    return out
+    chosen, chosen_fid = order_np[:lo], fid[:lo]
+    if extra_keep:
+        keep = np.asarray(extra_keep, dtype=np.int64)
+        chosen, chosen_fid = np.concatenate([chosen, order_np[keep]]), np.concatenate([chosen_fid, fid[keep]])
+    return [np.sort(chosen[chosen_fid == f] - offsets[f]) for f in range(nf)]

@@ -1,0 +1,69 @@
+"""The joint entry selection (``osd_fl.selection.select``): exact budget, best scores first, both code paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from osd_fl.selection import select
+from osd_fl.sizes import selection_bytes
+
+
+def _scores(seed: int, sizes: list[int]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # distinct scores (continuous draws): the order has no ties, so "best first" is one set
+    return [torch.rand(m, generator=gen) for m in sizes]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    slots_a=st.integers(1, 600),
+    slots_b=st.integers(1, 600),
+    value_bytes=st.sampled_from([1, 2, 4]),
+    share=st.floats(0.01, 1.2),
+)
+def test_two_sections_fit_the_budget_and_keep_the_best_prefix(
+    seed: int, slots_a: int, slots_b: int, value_bytes: int, share: float
+) -> None:
+    scores = _scores(seed, [slots_a, slots_b])
+    budget = int(share * (slots_a + slots_b) * value_bytes)
+    pos_a, pos_b = select(scores, value_bytes, budget)
+    assert selection_bytes([pos_a.size, pos_b.size], [slots_a, slots_b], value_bytes) <= budget
+    for pos, m in ((pos_a, slots_a), (pos_b, slots_b)):
+        assert np.all(np.diff(pos) > 0) and (pos.size == 0 or (pos[0] >= 0 and pos[-1] < m))
+    # the kept entries contain the longest best-first prefix that fits (the greedy pass only adds)
+    flat = torch.cat(scores)
+    order = torch.argsort(flat, descending=True).numpy()
+    kept = set(pos_a.tolist()) | {slots_a + p for p in pos_b.tolist()}
+    t = 0
+    while t < order.size:
+        in_a = int(np.sum(order[: t + 1] < slots_a))
+        if selection_bytes([in_a, t + 1 - in_a], [slots_a, slots_b], value_bytes) > budget:
+            break
+        t += 1
+    assert set(order[:t].tolist()) <= kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    slots_a=st.integers(1, 600),
+    slots_b=st.integers(1, 600),
+    value_bytes=st.sampled_from([1, 2, 4]),
+    share=st.floats(0.01, 1.2),
+)
+def test_the_two_section_path_equals_the_general_one(
+    seed: int, slots_a: int, slots_b: int, value_bytes: int, share: float
+) -> None:
+    # an empty third section changes no cost (ALL of 0 slots is 0 bytes) but takes the general path
+    scores = _scores(seed, [slots_a, slots_b])
+    budget = int(share * (slots_a + slots_b) * value_bytes)
+    two = select(scores, value_bytes, budget)
+    three = select([*scores, torch.zeros(0)], value_bytes, budget)
+    assert three[2].size == 0
+    for x, y in zip(two, three[:2], strict=True):
+        assert x.dtype == y.dtype == np.int64
+        np.testing.assert_array_equal(x, y)
