@@ -50,7 +50,12 @@ def _config_key(
 def resolve_config(
     config: CompressionConfig | None = None, method: str | None = None, rank: int | None = None, **options: Any
 ) -> CompressionConfig:
-    """Merge a base config, explicit ``method``/``rank`` and loose options; apply method overrides."""
+    """Merge a base config, explicit ``method``/``rank`` and loose options; apply method overrides.
+
+    ``value_dtype="auto"`` becomes the method's measured precision
+    (:attr:`~osd_fl.compressor.Compressor.auto_precision`: int8 values within
+    float32 TruncSVD's bytes for OSD, float32 for the others).
+    """
     key = _config_key(config, method, rank, options)
     if key is not None and (hit := _RESOLVED.get(key)) is not None:
         return hit
@@ -73,8 +78,14 @@ def _resolve_config(
         changes["rank"] = rank
     if changes:
         cfg = cfg.replace(**changes)
-    overrides = dict(get_compressor(cfg).overrides)
-    return cfg.replace(**overrides) if overrides else cfg
+    compressor = get_compressor(cfg)
+    resolved: dict[str, Any] = dict(compressor.overrides)
+    if resolved.get("value_dtype", cfg.value_dtype) == "auto":
+        value, budget = compressor.auto_precision
+        resolved["value_dtype"] = value
+        if cfg.budget_dtype == "value":
+            resolved["budget_dtype"] = budget
+    return cfg.replace(**resolved) if resolved else cfg
 
 
 def _fixed_and_matrix_bytes(

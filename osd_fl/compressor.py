@@ -174,6 +174,10 @@ class Compressor(ABC):
     uses_importance: ClassVar[bool] = False
     #: Whether the rank setting changes nothing the method sends: ``not budgeted``, set per subclass.
     rank_free: ClassVar[bool] = False
+    #: ``(value_dtype, budget_dtype)`` that ``value_dtype="auto"`` resolves to (the budget dtype only
+    #: where the config's is ``"value"``): the method's measured precision (OSD: int8 values within
+    #: float32 TruncSVD's bytes).
+    auto_precision: ClassVar[tuple[str, str]] = ("float32", "value")
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         """Derive :attr:`rank_free` from :attr:`budgeted` (one fact, written once)."""

@@ -11,9 +11,13 @@ Tuning guide (turn the knobs in this order):
 1. ``rank`` sets the byte budget: a rank-r budget is what two dense rank-r
    factors cost, ``r * (n + d)`` values per matrix. Double it to double the
    upload.
-2. ``value_dtype="float16"`` halves the cost of every kept value. By itself
-   it halves the upload; with ``budget_dtype="float32"`` the budget stays what
-   float32 rank-r TruncSVD sends and OSD keeps about twice as many entries.
+2. ``value_dtype`` is the precision of every transmitted value. The default,
+   ``"auto"``, is each method's measured choice (:func:`osd_fl.resolve_config`
+   resolves it): OSD sends int8 values within the bytes float32 rank-r
+   TruncSVD sends (``budget_dtype="float32"``), so it keeps about four times
+   as many entries (docs/results.md, "Value precision"); every other method
+   sends float32. ``"float16"`` by itself halves the upload; with
+   ``budget_dtype="float32"`` OSD keeps about twice as many entries.
 3. ``relax`` (c) is how many extra singular directions OSD may draw entries
    from. With ``adaptive=True`` (default) each matrix tries c = 0..relax and
    keeps the one with the least importance-weighted error, so a larger
@@ -39,7 +43,7 @@ __all__ = [
     "ValueDType",
 ]
 
-ValueDType = Literal["float32", "float16", "int8"]
+ValueDType = Literal["auto", "float32", "float16", "int8"]
 BudgetDType = Literal["value", "float32", "float16"]
 ImportanceForm = Literal["grad", "taylor", "fisher", "obd", "ones", "adam"]
 BudgetMode = Literal["matrix", "global"]
@@ -117,10 +121,11 @@ class CompressionConfig(Settings):
         metadata={"help": "OSD: re-select B's entries after masking A (the interleaved refinement)."},
     )
     value_dtype: ValueDType = field(
-        default="float32",
+        default="auto",
         metadata={
-            "help": "Precision of every transmitted value, for every method alike: float32, float16, or int8 "
-            "(blocks of 64 values with one float32 scale each)."
+            "help": "Precision of every transmitted value: auto (the method's measured choice: int8 for OSD "
+            "within float32 TruncSVD's bytes, float32 for every other method), float32, float16, or int8 "
+            "(blocks of values with one float32 scale each)."
         },
     )
     budget_dtype: BudgetDType = field(
@@ -210,10 +215,18 @@ class CompressionConfig(Settings):
 
     @property
     def value_bytes(self) -> int:
-        """Bytes of one transmitted value (4 for float32, 2 for float16)."""
-        return value_bytes(self.value_dtype)
+        """Bytes of one transmitted value (4 for float32, 2 for float16, 1 for int8)."""
+        return value_bytes(self._concrete_value_dtype())
 
     @property
     def budget_value_dtype(self) -> str:
         """The value dtype a matrix's rank-r budget is priced in (``budget_dtype``, or ``value_dtype``)."""
-        return self.value_dtype if self.budget_dtype == "value" else self.budget_dtype
+        return self._concrete_value_dtype() if self.budget_dtype == "value" else self.budget_dtype
+
+    def _concrete_value_dtype(self) -> str:
+        if self.value_dtype == "auto":
+            raise ConfigError(
+                "value_dtype='auto' is chosen per method: resolve the config first "
+                "(osd_fl.resolve_config(config)), or set value_dtype explicitly"
+            )
+        return self.value_dtype

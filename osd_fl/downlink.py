@@ -164,7 +164,8 @@ class BroadcastServer:
         The initial global model ``w_0`` (copied; CPU).
     config
         How each broadcast is compressed (any registered method; its own rank,
-        independent of the uplink's).
+        independent of the uplink's). ``value_dtype="auto"`` means float32 here:
+        the broadcasts were measured with float32 values, int8 only on the uplink.
     history_bytes
         Most bytes of recent broadcasts kept for catch-up chains (0 = as many as
         one dense model costs: a longer chain is never cheaper than the model).
@@ -180,7 +181,7 @@ class BroadcastServer:
         self, initial: Mapping[str, torch.Tensor], config: CompressionConfig, *, history_bytes: int = 0
     ) -> None:
         self.public: dict[str, torch.Tensor] = {k: v.detach().to("cpu").clone() for k, v in initial.items()}
-        self.config = config
+        self.config = config if config.value_dtype != "auto" else config.replace(value_dtype="float32")
         self.version = 0
         self.digest = model_digest(self.public)
         self.dense_bytes = model_bytes(self.public)

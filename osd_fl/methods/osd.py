@@ -13,8 +13,11 @@ OSD is never worse than TruncSVD on that error at the same budget.
 
 Tuning: ``relax`` bounds the extra directions (3 is a good default; each
 extra c costs one more ``n x d x k`` product when adaptive); ``second_pass``
-re-selects B after A is masked (measure before enabling: see docs);
-``value_dtype="float16"`` roughly doubles the kept entries.
+re-selects B after A is masked (measure before enabling: see docs). Values
+travel as int8 by default (``value_dtype="auto"``) within the bytes float32
+TruncSVD sends, about four times the entries of float32 values: measured
+better per byte on full-model fine-tuning (docs/results.md, "Value
+precision"); ``value_dtype="float32"`` is the paper's setting.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class OSD(SparseLowRank):
     name = "osd"
     adaptive_c = True
     uses_importance = True
+    auto_precision = ("int8", "float32")
 
     def scores(self, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """OSD damage scores (:func:`damage_scores`, ``config.damage``)."""
