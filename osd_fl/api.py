@@ -10,7 +10,15 @@ import torch
 
 from osd_fl import sizes
 from osd_fl.codec import MAX_ELEMENTS, TensorSpec, decode, encode, iter_tensors
-from osd_fl.compressor import REGISTRY, Compressor, CompressorState, MatrixItem, dense_record, get_compressor
+from osd_fl.compressor import (
+    REGISTRY,
+    Compressor,
+    CompressorState,
+    MatrixItem,
+    dense_record,
+    get_compressor,
+    with_method_precision,
+)
 from osd_fl.config import CompressionConfig
 from osd_fl.dtypes import TORCH_NAMES
 from osd_fl.errors import ConfigError, UpdateError
@@ -78,14 +86,7 @@ def _resolve_config(
         changes["rank"] = rank
     if changes:
         cfg = cfg.replace(**changes)
-    compressor = get_compressor(cfg)
-    resolved: dict[str, Any] = dict(compressor.overrides)
-    if resolved.get("value_dtype", cfg.value_dtype) == "auto":
-        value, budget = compressor.auto_precision
-        resolved["value_dtype"] = value
-        if cfg.budget_dtype == "value":
-            resolved["budget_dtype"] = budget
-    return cfg.replace(**resolved) if resolved else cfg
+    return with_method_precision(type(get_compressor(cfg)), cfg)
 
 
 def _fixed_and_matrix_bytes(

@@ -40,6 +40,7 @@ __all__ = [
     "lowrank_record",
     "methods_with",
     "register",
+    "with_method_precision",
 ]
 
 
@@ -185,7 +186,7 @@ class Compressor(ABC):
         cls.rank_free = not cls.budgeted
 
     def __init__(self, config: CompressionConfig) -> None:
-        self.config = config
+        self.config = config if config.value_dtype != "auto" else with_method_precision(type(self), config)
 
     @abstractmethod
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
@@ -198,6 +199,18 @@ class Compressor(ABC):
     @abstractmethod
     def record_form(self, n: int, d: int) -> RecordForm:
         """The record this method produces for an ``n x d`` matrix it compresses (see :class:`RecordForm`)."""
+
+
+def with_method_precision(cls: type[Compressor], config: CompressionConfig) -> CompressionConfig:
+    """``config`` with ``cls``'s forced fields (:attr:`Compressor.overrides`) and, where ``value_dtype`` is
+    still ``"auto"``, its :attr:`Compressor.auto_precision` (the budget dtype only where it is ``"value"``)."""
+    changes: dict[str, object] = dict(cls.overrides)
+    if changes.get("value_dtype", config.value_dtype) == "auto":
+        value, budget = cls.auto_precision
+        changes["value_dtype"] = value
+        if config.budget_dtype == "value":
+            changes["budget_dtype"] = budget
+    return config.replace(**changes) if changes else config
 
 
 _C = TypeVar("_C", bound=type[Compressor])

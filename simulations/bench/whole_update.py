@@ -133,7 +133,7 @@ def payload_shares(update: Mapping[str, torch.Tensor], config: CompressionConfig
     kinds_sent: dict[str, set[str]] = {}
     for rec in payload.records:
         kind = _kind_of(rec.name, shapes[rec.name], config.embedding_pattern)
-        by_kind[kind] = by_kind.get(kind, 0) + record_bytes(rec, config.value_dtype)
+        by_kind[kind] = by_kind.get(kind, 0) + record_bytes(rec, payload.value_dtype)
         kinds_sent.setdefault(kind, set()).add(rec.kind.name.lower())
     dense = sum(4 * v.numel() for v in update.values())
     return {"bytes": len(blob), "ratio": dense / len(blob), "dense": dense, "by_kind": by_kind, "sent_as": kinds_sent}
