@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -11,20 +13,26 @@ from osd_fl.selection import select
 from osd_fl.sizes import selection_bytes
 
 
+def _cases(test: Callable[..., None]) -> Callable[..., None]:
+    """Two sections of 1-600 slots, any value width, a budget of 1% to 120% of every entry's value bytes."""
+    return settings(max_examples=60, deadline=None)(
+        given(
+            seed=st.integers(0, 10_000),
+            slots_a=st.integers(1, 600),
+            slots_b=st.integers(1, 600),
+            value_bytes=st.sampled_from([1, 2, 4]),
+            share=st.floats(0.01, 1.2),
+        )(test)
+    )
+
+
 def _scores(seed: int, sizes: list[int]) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     # distinct scores (continuous draws): the order has no ties, so "best first" is one set
     return [torch.rand(m, generator=gen) for m in sizes]
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    slots_a=st.integers(1, 600),
-    slots_b=st.integers(1, 600),
-    value_bytes=st.sampled_from([1, 2, 4]),
-    share=st.floats(0.01, 1.2),
-)
+@_cases
 def test_two_sections_fit_the_budget_and_keep_the_best_prefix(
     seed: int, slots_a: int, slots_b: int, value_bytes: int, share: float
 ) -> None:
@@ -47,14 +55,7 @@ def test_two_sections_fit_the_budget_and_keep_the_best_prefix(
     assert set(order[:t].tolist()) <= kept
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    slots_a=st.integers(1, 600),
-    slots_b=st.integers(1, 600),
-    value_bytes=st.sampled_from([1, 2, 4]),
-    share=st.floats(0.01, 1.2),
-)
+@_cases
 def test_the_two_section_path_equals_the_general_one(
     seed: int, slots_a: int, slots_b: int, value_bytes: int, share: float
 ) -> None:
