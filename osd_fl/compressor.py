@@ -202,8 +202,11 @@ class Compressor(ABC):
 
 
 def with_method_precision(cls: type[Compressor], config: CompressionConfig) -> CompressionConfig:
-    """``config`` with ``cls``'s forced fields (:attr:`Compressor.overrides`) and, where ``value_dtype`` is
-    still ``"auto"``, its :attr:`Compressor.auto_precision` (the budget dtype only where it is ``"value"``)."""
+    """``config`` with the method's own precision and forced fields.
+
+    Applies ``cls``'s :attr:`Compressor.overrides` and, where ``value_dtype`` is still ``"auto"``, its
+    :attr:`Compressor.auto_precision` (the budget dtype only where the config's is ``"value"``).
+    """
     changes: dict[str, object] = dict(cls.overrides)
     if changes.get("value_dtype", config.value_dtype) == "auto":
         value, budget = cls.auto_precision

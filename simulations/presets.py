@@ -89,7 +89,14 @@ class SweepConfig:
     fraction_train: float = field(default=1.0, metadata={"help": "Share of clients per round."})
     server_lr: float = field(default=1.0, metadata={"help": "Server learning rate."})
     relax: int = field(default=3, metadata={"help": "OSD/MagTruncSVD rank relaxation c (adaptive: max c)."})
-    value_dtype: str = field(default="float32", metadata={"help": "Value precision for every method."})
+    value_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Value precision for every method (float32, float16, int8), or auto: each method's library "
+            "default (OSD int8 within float32 TruncSVD's bytes, the rest float32). The presets that produced "
+            "docs/results.md run float32; the demo runs auto."
+        },
+    )
     task: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "TextTaskConfig overrides."})
     compression: Mapping[str, Any] = field(
         default_factory=dict,
@@ -155,12 +162,14 @@ PRESETS: dict[str, SweepConfig] = {
         task={"num_clients": 2, "max_examples": 400, "test_size": 100, "local_steps": 2, "cache_dir": ""},
     ),
     # The README's main command: full-model fine-tuning (where compression can hurt), small enough
-    # for a 2-core CPU in under 10 minutes: 3 clients x 8 AdamW steps, 6 rounds, rank 1.
+    # for a 2-core CPU in under 10 minutes: 3 clients x 8 AdamW steps, 6 rounds, rank 1. Each method
+    # at the library's default precision (auto: OSD sends int8 values within TruncSVD's bytes).
     "demo": SweepConfig(
         name="demo",
         methods=("dense", "truncsvd", "magtruncsvd", "osd"),
         ranks=(1,),
         rounds=6,
+        value_dtype="auto",
         task={**FULL_MODEL_TASK, "num_clients": 3, "max_examples": 3000, "test_size": 500, "local_steps": 8},
     ),
     "medium": SweepConfig(

@@ -284,7 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
     ap.add_argument("--seeds", default="")
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--threads", type=int, default=-1)
-    ap.add_argument("--value-dtype", default="", choices=["", "float32", "float16", "int8"])
+    ap.add_argument("--value-dtype", default="", choices=["", "auto", "float32", "float16", "int8"])
     ap.add_argument("--shard", default="", metavar="I/N", help="run only runs I mod N (N processes side by side)")
     ap.add_argument("--fraction-train", type=float, default=0.0, help="share of clients per round (partial)")
     ap.add_argument("--task", action="append", default=[], metavar="KEY=VALUE", help="TextTaskConfig override")

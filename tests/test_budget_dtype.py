@@ -19,7 +19,7 @@ def _update() -> dict[str, torch.Tensor]:
 
 def test_float32_budget_with_float16_values_is_the_float32_budget_less_the_dense_part() -> None:
     shapes = {k: tuple(v.shape) for k, v in _update().items()}
-    f32 = payload_budget(shapes, method="osd", rank=2)
+    f32 = payload_budget(shapes, method="osd", rank=2, value_dtype="float32")
     f16_half = payload_budget(shapes, method="osd", rank=2, value_dtype="float16")
     f16_eq = payload_budget(shapes, method="osd", rank=2, value_dtype="float16", budget_dtype="float32")
     dense_bias_saving = 40 * 2  # the 1-D bias travels dense at float16: 2 bytes less per value
@@ -33,7 +33,7 @@ def test_osd_float16_at_float32_budget_spends_it_and_beats_float16_at_half_the_b
     opts: dict[str, Any] = {"method": "osd", "rank": 2, "value_dtype": "float16", "relax": 3}
     half = compress(upd, **opts)
     equal = compress(upd, budget_dtype="float32", **opts)
-    f32 = compress(upd, method="osd", rank=2, relax=3)
+    f32 = compress(upd, method="osd", rank=2, relax=3, value_dtype="float32")
     assert len(equal) <= payload_budget(shapes, budget_dtype="float32", **opts)
     assert len(half) < len(equal) <= len(f32)
     # the larger budget spends its bytes on more entries: a strictly smaller error
@@ -69,9 +69,23 @@ def test_int8_values_round_trip_within_half_a_step_of_their_block_scale() -> Non
 def test_int8_values_at_the_float32_budget_keep_more_entries_and_lose_less() -> None:
     upd = _update()
     shapes = {k: tuple(v.shape) for k, v in upd.items()}
-    f32 = compress(upd, method="osd", rank=2, relax=12)
+    f32 = compress(upd, method="osd", rank=2, relax=12, value_dtype="float32")
     i8 = compress(upd, method="osd", rank=2, relax=12, value_dtype="int8", budget_dtype="float32")
     assert len(i8) <= payload_budget(shapes, method="osd", rank=2, value_dtype="int8", budget_dtype="float32")
     err32 = torch.linalg.norm(decompress(f32)["w"] - upd["w"])
     err8 = torch.linalg.norm(decompress(i8)["w"] - upd["w"])
     assert err8 < err32
+
+
+def test_auto_precision_is_int8_at_the_float32_budget_for_osd_and_float32_for_the_rest() -> None:
+    """The default ``value_dtype="auto"``: OSD's measured choice (docs/results.md), every baseline float32."""
+    upd = _update()
+    assert compress(upd, method="osd", rank=2) == compress(
+        upd, method="osd", rank=2, value_dtype="int8", budget_dtype="float32"
+    )
+    assert compress(upd, method="osd", rank=2) != compress(upd, method="osd", rank=2, value_dtype="float32")
+    for method in ("truncsvd", "magtruncsvd", "dense", "topk"):
+        assert compress(upd, method=method, rank=2) == compress(upd, method=method, rank=2, value_dtype="float32")
+    # an explicit budget dtype is kept: int8 values priced at a float16 budget
+    own = compress(upd, method="osd", rank=2, budget_dtype="float16")
+    assert own == compress(upd, method="osd", rank=2, value_dtype="int8", budget_dtype="float16")

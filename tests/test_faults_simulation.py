@@ -102,7 +102,8 @@ def _garble(kind: str, reply: Message, msg: Message, context: Context) -> Messag
         body[dim.offset : dim.offset + 4] = struct.pack("<I", 7)
         bad = with_crc(bytes(body))
     elif kind == "nan values":
-        values = next(f for f in walk(blob) if f.role == "values")
+        # float32 values, or the float32 block scales of int8 values (OSD's default)
+        values = next(f for f in walk(blob) if f.role in ("values", "scales") and f.value_bytes == 4)
         body = bytearray(blob[:-4])
         body[values.offset : values.offset + 4] = struct.pack("<f", float("nan"))
         bad = with_crc(bytes(body))

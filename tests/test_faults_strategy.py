@@ -34,7 +34,8 @@ from strategies import OSDStrategy
 from strategies.local_grid import LocalGrid
 
 SHAPES = {"fc1.weight": (32, 24), "fc1.bias": (32,), "fc2.weight": (5, 32)}
-CFG = CompressionConfig(method="osd", rank=2, min_numel=128, importance="ones")
+# float32 values (not OSD's default int8): the security tests hand-build hostile float32 payloads against it
+CFG = CompressionConfig(method="osd", rank=2, min_numel=128, importance="ones", value_dtype="float32")
 
 
 def state(seed: int, scale: float = 1.0, shapes: Mapping[str, tuple[int, ...]] = SHAPES) -> dict[str, torch.Tensor]:

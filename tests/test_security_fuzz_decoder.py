@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from osd_fl import REGISTRY, PayloadError, compress
 from osd_fl.codec import VALUE_LIMIT, decode, iter_tensors
+from osd_fl.dtypes import INT8_BLOCK
 from osd_fl.payload import Kind, Payload
 from osd_fl.positions import Coding, index_width, position_bytes
 
@@ -130,7 +131,7 @@ def _pool() -> list[bytes]:
     update = _update(0, MODEL)
     blobs = []
     for method in METHODS:
-        for vdt in ("float32", "float16"):
+        for vdt in ("float32", "float16", "int8"):
             policy = "skip" if vdt == "float16" else "compress"  # ZERO records too
             blobs.append(
                 compress(update, method=method, rank=2, min_numel=64, value_dtype=vdt, embedding_policy=policy)
@@ -186,7 +187,14 @@ def walk(blob: bytes) -> list[Field]:
         add("param", 1)
         add("count", 4)
         add("positions", position_bytes(Coding(coding), count, slots, param))
-        add("values", count * vb, vb)
+        value_run(count)
+
+    def value_run(count: int) -> None:
+        if vcode == 2:  # int8 values: one float32 scale per block of INT8_BLOCK, then the int8 codes
+            add("scales", 4 * -(-count // INT8_BLOCK), 4)
+            add("int8", count)
+        else:
+            add("values", count * vb, vb)
 
     for _ in range(nrec):
         nlen = u("<H")
@@ -201,7 +209,7 @@ def walk(blob: bytes) -> list[Field]:
             add("dim", 4)
         numel = math.prod(dims)
         if kind == Kind.DENSE:
-            add("values", numel * vb, vb)
+            value_run(numel)
         elif kind == Kind.LOWRANK:
             k = u("<H")
             add("rank", 2)
@@ -351,7 +359,7 @@ def gen_field(data: st.DataObject, blob: bytes, specs: Specs, strict: bool) -> C
         return Case(f"field {f.role}: unchanged", blob, exp, None, meth, must_accept=True)
     body[f.offset : f.offset + f.size] = new
     value = int.from_bytes(new, "little")
-    if f.role == "version" or (f.role == "vcode" and value > 1):
+    if f.role == "version" or (f.role == "vcode" and value > 2):
         must = True
     elif f.role in ("name", "dim", "nrec", "dtype") and exp is not None:
         must = True  # a name no longer the model's (or a duplicate), a shape or a dtype that differs

@@ -46,7 +46,9 @@ def test_split_factors_reproduce_svd() -> None:
 
 def test_osd_c0_full_budget_reproduces_truncsvd() -> None:
     m = low_rank_plus_sparse(200, 120, seed=3)
-    osd = compress({"w": m}, method="osd", rank=2, relax=0, adaptive=False, min_numel=0, svd="exact")
+    osd = compress(
+        {"w": m}, method="osd", rank=2, relax=0, adaptive=False, min_numel=0, svd="exact", value_dtype="float32"
+    )
     ts = compress({"w": m}, method="truncsvd", rank=2, min_numel=0, svd="exact")
     torch.testing.assert_close(decompress(osd)["w"], decompress(ts)["w"], rtol=0, atol=0)
     assert len(osd) == len(ts) + len(b"osd") - len(b"truncsvd")

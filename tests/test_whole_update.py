@@ -28,4 +28,9 @@ def test_row_sparse_embedding_update_costs_a_rank_one_budget_and_keeps_its_rows(
         assert len(blob) <= payload_budget({k: v.shape for k, v in update.items()}, method=method, rank=1)
         assert len(blob) < 0.02 * emb.numel() * 4  # dense would be 768,000 bytes
         got = decompress(blob)["bert.embeddings.word_embeddings.weight"]
-        assert torch.linalg.norm(got - emb) <= 1e-4 * torch.linalg.norm(emb)
+        others = torch.ones(3000, dtype=torch.bool)
+        others[rows] = False
+        assert torch.linalg.norm(got[others]) <= 1e-6 * torch.linalg.norm(emb)  # no other row moves
+        # float32 factors (TruncSVD) are exact to rounding; OSD's default int8 values to about a step of 1/127
+        tol = 1e-4 if method == "truncsvd" else 1e-2
+        assert torch.linalg.norm(got - emb) <= tol * torch.linalg.norm(emb)

@@ -47,10 +47,12 @@ from simulations.devices import resolve_device
 CLIENT_METHODS: dict[str, dict[str, Any]] = {
     "truncsvd": {"method": "truncsvd"},
     "magtruncsvd": {"method": "magtruncsvd"},
-    "osd fixed c": {"method": "osd", "adaptive": False},
-    "osd adaptive c": {"method": "osd"},
-    "osd fixed c, Z = ones": {"method": "osd", "adaptive": False},
-    "osd adaptive c, Z = ones": {"method": "osd"},
+    "osd fixed c": {"method": "osd", "adaptive": False, "value_dtype": "float32"},
+    "osd adaptive c": {"method": "osd", "value_dtype": "float32"},
+    "osd fixed c, Z = ones": {"method": "osd", "adaptive": False, "value_dtype": "float32"},
+    "osd adaptive c, Z = ones": {"method": "osd", "value_dtype": "float32"},
+    # the library default since 2026-12-03: int8 values within float32 TruncSVD's bytes
+    "osd int8 (default), Z = ones": {"method": "osd"},
     "topk": {"method": "topk"},
     "powersgd": {"method": "powersgd"},
 }

@@ -78,8 +78,8 @@ def section_codec(args: argparse.Namespace) -> None:
     header("3. Codec: bytes of the kept entries, Flower framing, encode/decode speed", args)
     ranks = [1, 4] if args.quick else [1, 4, 16]
     variants: list[tuple[str, dict[str, Any], int]] = [
-        ("osd adaptive c", {"method": "osd"}, 32),
-        ("osd fixed c", {"method": "osd", "adaptive": False}, 32),
+        ("osd adaptive c", {"method": "osd", "value_dtype": "float32"}, 32),
+        ("osd fixed c", {"method": "osd", "adaptive": False, "value_dtype": "float32"}, 32),
         ("magtruncsvd", {"method": "magtruncsvd"}, 32),
         ("topk", {"method": "topk"}, 32),
         ("osd adaptive c, fp16", {"method": "osd", "value_dtype": "float16"}, 16),
@@ -136,7 +136,9 @@ def codec_model(
             if label != "osd adaptive c":
                 continue
             # Flower framing: a train reply as clients.osd_mod builds it, as Flower serializes it
-            reply = mod_replies(train_messages(zero, CompressionConfig(rank=rank), 1), shapes, 1)[0]
+            reply = mod_replies(
+                train_messages(zero, CompressionConfig(rank=rank, value_dtype="float32"), 1), shapes, 1
+            )[0]
             reply_bytes = len(record_to_payload(reply.content[PAYLOAD_RECORD_KEY]))
             size = message_to_proto(reply).ByteSize()
             frame_rows.append(
