@@ -43,8 +43,8 @@ from simulations.text.train import loss_fn, make_optimizer
 
 __all__ = ["QuickstartCNN", "main", "model_update", "payload_shares"]
 
-#: The defaults before issue 14 (small matrices and embeddings dense), for the side-by-side column.
-OLD_DEFAULTS: dict[str, Any] = CACHED_ERA
+#: The defaults before issue 14: its routing (CACHED_ERA) and float32 values for every method.
+OLD_DEFAULTS: dict[str, Any] = {**CACHED_ERA, "value_dtype": "float32"}
 
 
 class QuickstartCNN(nn.Module):
