@@ -60,6 +60,14 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     # the relax int8 needs: the same at OSD's default c (3) and at 6
     "osd-int8-c3": {"method": "osd", "value_dtype": "int8", "budget_dtype": "float32", "relax": 3},
     "osd-int8-c6": {"method": "osd", "value_dtype": "int8", "budget_dtype": "float32", "relax": 6},
+    # OSD's default since 2026-12-03 (int8 at relax 3) with error feedback
+    "osd-int8-c3+ef": {
+        "method": "osd",
+        "value_dtype": "int8",
+        "budget_dtype": "float32",
+        "relax": 3,
+        "error_feedback": True,
+    },
     "magtruncsvd-fp16": {"method": "magtruncsvd", "value_dtype": "float16", "budget_dtype": "float32"},
 }
 #: Sweep methods that compress the broadcast too: the uplink is METHOD_SPECS[name], the downlink

@@ -331,7 +331,7 @@ class OSDStrategy(Strategy):
         self.meter.begin_round(server_round)
         self._global = arrays if self.downlink is None else self.downlink.prepare(arrays)
         self._global_round = server_round
-        for key, value in config_to_record(self.config).items():
+        for key, value in config_to_record(self._resolved).items():  # "auto" resolved: what replies must match
             config[key] = value
         messages = list(self._guard.call(self.inner.configure_train, server_round, arrays, config, grid))
         if self.downlink is not None:

@@ -14,7 +14,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from clients import osd_mod
-from osd_fl import CompressionConfig, ConfigError, compress, decompress, payload_budget
+from osd_fl import CompressionConfig, ConfigError, compress, decompress, payload_budget, resolve_config
 from osd_fl.codec import encode
 from osd_fl.compressor import dense_record
 from osd_fl.payload import Payload
@@ -107,7 +107,9 @@ def test_configure_train_sends_every_setting_through_the_inner_strategy() -> Non
     for msg in msgs:
         config = msg.content["config"]
         assert config["server-round"] == 1  # FedAvg's own key still there
-        assert CompressionConfig.from_mapping(config, prefix="osd.", strict=True) == CFG
+        # CFG with value_dtype="auto" resolved (OSD: int8 values at the float32 budget)
+        assert CompressionConfig.from_mapping(config, prefix="osd.", strict=True) == resolve_config(CFG)
+        assert resolve_config(CFG) == CFG.replace(value_dtype="int8", budget_dtype="float32")
         assert set(msg.content["arrays"].keys()) == set(SHAPES)
 
 
@@ -514,3 +516,16 @@ def test_fedprox_inner_strategy_settings_reach_the_client() -> None:
     config = msg.content.config_records["config"]
     assert config["proximal-mu"] == 0.3
     assert config["osd.rank"] == CFG.rank
+
+
+def test_the_broadcast_config_carries_the_resolved_precision() -> None:
+    """value_dtype='auto' goes out resolved (OSD: int8 within float32's budget), so a client on other defaults
+    still compresses exactly what the server's conformance check expects."""
+    for method, value, budget in (("osd", "int8", "float32"), ("truncsvd", "float32", "value")):
+        strategy = OSDStrategy(FedAvg(), config=CompressionConfig(method=method, rank=2))
+        (msg, *_) = _configure(strategy)
+        sent = CompressionConfig.from_mapping(msg.content.config_records["config"], prefix="osd.", strict=True)
+        assert (sent.value_dtype, sent.budget_dtype) == (value, budget)
+    explicit = OSDStrategy(FedAvg(), config=CFG.replace(value_dtype="float16"))
+    sent = CompressionConfig.from_mapping(_configure(explicit)[0].content["config"], prefix="osd.", strict=True)
+    assert sent.value_dtype == "float16"
