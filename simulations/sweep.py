@@ -31,11 +31,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tqdm import tqdm
 
 from osd_fl import CompressionConfig
+from osd_fl.config import ValueDType
 from osd_fl.settings import coerce_value
 from simulations.analysis import read_rows, summarize, summary_markdown
 from simulations.devices import torch_threads
@@ -284,7 +285,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SweepConfig, Path]:
     ap.add_argument("--seeds", default="")
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--threads", type=int, default=-1)
-    ap.add_argument("--value-dtype", default="", choices=["", "auto", "float32", "float16", "int8"])
+    ap.add_argument("--value-dtype", default="", choices=["", *get_args(ValueDType)])
     ap.add_argument("--shard", default="", metavar="I/N", help="run only runs I mod N (N processes side by side)")
     ap.add_argument("--fraction-train", type=float, default=0.0, help="share of clients per round (partial)")
     ap.add_argument("--task", action="append", default=[], metavar="KEY=VALUE", help="TextTaskConfig override")
