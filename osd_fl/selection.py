@@ -101,6 +101,9 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     max_count = min(total, budget // value_bytes)
     if max_count <= 0:
         return [np.zeros(0, dtype=np.int64) for _ in scores]
+    if max_count == total and selection_bytes(slots, slots, value_bytes) <= budget:
+        # everything fits (coding ALL needs no positions): no scores need ranking
+        return [np.arange(m, dtype=np.int64) for m in slots]
     parts = [s.reshape(-1).to(torch.float32) for s in scores]
     # one section (top-k of a whole matrix) needs no concatenated copy: nan_to_num makes its own
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -128,8 +131,6 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
             counts = np.bincount(fid[:t], minlength=nf)
             return selection_bytes([int(c) for c in counts], slots, value_bytes)
 
-    if len(order_np) == total and cost(total) <= budget:  # everything fits (coding ALL needs no positions)
-        return [np.arange(m, dtype=np.int64) for m in slots]
     lo, hi = 0, len(order_np)
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from osd_fl.thin import t_times_thin, times_thin
+
 __all__ = ["split_factors", "truncated_svd", "use_randomized"]
 
 #: Below this smaller side, the exact SVD is cheap enough to always use.
@@ -68,10 +70,10 @@ def truncated_svd(
     if transpose:
         m = m.T
     omega = torch.randn(m.shape[1], width, generator=generator, device=m.device, dtype=m.dtype)
-    q, _ = torch.linalg.qr(m @ omega)
+    q, _ = torch.linalg.qr(times_thin(m, omega))
     for _ in range(niter):
-        z, _ = torch.linalg.qr(m.T @ q)
-        q, _ = torch.linalg.qr(m @ z)
+        z, _ = torch.linalg.qr(t_times_thin(m, q))
+        q, _ = torch.linalg.qr(times_thin(m, z))
     small = q.T @ m
     ub, s, vh = torch.linalg.svd(small, full_matrices=False)
     u = q @ ub

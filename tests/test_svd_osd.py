@@ -11,6 +11,7 @@ from osd_fl.config import CompressionConfig
 from osd_fl.methods.osd import OSD, damage_scores
 from osd_fl.sizes import LOWRANK_OVERHEAD, matrix_budget
 from osd_fl.svd import split_factors, truncated_svd
+from osd_fl.thin import t_times_thin, times_thin
 from tests.helpers import low_rank_plus_sparse, weighted_rel_error
 
 # test code here draws from torch's global generator: seeded per test and restored afterwards
@@ -33,6 +34,20 @@ def test_truncsvd_reaches_eckart_young(shape: tuple[int, int], mode: str) -> Non
     blob = compress({"w": m}, method="truncsvd", rank=r, svd=mode, min_numel=0)
     err2 = float(torch.linalg.norm(m - decompress(blob)["w"]))
     assert err2 == pytest.approx(optimum, rel=1e-3 if mode == "exact" else 2e-2)
+
+
+@pytest.mark.parametrize("width", [1, 4, 11, 16])
+def test_thin_products_equal_the_plain_products(width: int) -> None:
+    """The re-laid-out products are the same products (float32 summation order aside)."""
+    gen = torch.Generator().manual_seed(width)
+    m = torch.randn(300, 70, generator=gen, dtype=torch.float64)
+    x, q = (
+        torch.randn(70, width, generator=gen, dtype=torch.float64),
+        torch.randn(300, width, generator=gen, dtype=torch.float64),
+    )
+    assert times_thin(m, x).shape == (300, width) and t_times_thin(m, q).shape == (70, width)
+    torch.testing.assert_close(times_thin(m, x), m @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t_times_thin(m, q), m.T @ q, rtol=1e-12, atol=1e-12)
 
 
 def test_split_factors_reproduce_svd() -> None:

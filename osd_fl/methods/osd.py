@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from osd_fl.methods.sparse_lowrank import SparseLowRank
+from osd_fl.thin import times_thin
 
 __all__ = ["OSD", "damage_scores"]
 
@@ -47,7 +48,7 @@ def damage_scores(
         abs_a, abs_b = a.abs(), b.abs()
     if z is None:
         return abs_a * abs_b.sum(dim=1)[None, :], abs_b * abs_a.sum(dim=0)[:, None]
-    return abs_a * (z @ abs_b.T), abs_b * (abs_a.T @ z)
+    return abs_a * times_thin(z, abs_b.T), abs_b * (abs_a.T @ z)
 
 
 class OSD(SparseLowRank):

@@ -11,6 +11,7 @@ import torch
 
 from osd_fl.compressor import Compressor, CompressorState, MatrixItem, RecordForm, item_generator, lowrank_record
 from osd_fl.payload import Kind, TensorRecord
+from osd_fl.thin import t_times_thin, times_thin
 
 __all__ = ["PowerSGD"]
 
@@ -28,8 +29,8 @@ class PowerSGD(Compressor):
         if q is None or tuple(q.shape) != (item.d, r):
             q = torch.randn(item.d, r, generator=item_generator(self.config, item), device=item.mat.device)
         q = q.to(item.mat.device, torch.float32)
-        p, _ = torch.linalg.qr(item.mat @ q)
-        q = item.mat.T @ p
+        p, _ = torch.linalg.qr(times_thin(item.mat, q))
+        q = t_times_thin(item.mat, p).contiguous()
         state.tensors[key] = q.detach()
         return lowrank_record(item, p, q.T)
 
