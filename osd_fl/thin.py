@@ -3,30 +3,38 @@
 Every SVD sketch, power step, damage score and candidate error multiplies a
 large ``n x d`` matrix ``M`` by a matrix of a few columns. Written the
 obvious way, ``M @ X`` and ``M.T @ Q``, these hit slow GEMM kernels in MKL
-on some CPUs: on the project's AMD EPYC machine (torch 2.13.0, MKL 2024.2)
-``M.T @ Q`` with 2 to 11 columns took 4-20x longer than the same product as
-``(Q.T @ M).T`` (264 against 11 ms on a 4096 x 4096 matrix with 11 columns,
-the width of TruncSVD's sketch at rank 1), and ``M @ X`` up to 3x longer than
-``(X.T @ M.T).T``. The thin-operand-first forms were never slower by more
-than run-to-run noise at any width from 1 to 24, with 1 or 2 threads
-(``python -m simulations.bench.thin`` prints the comparison).
+on some CPUs. On the project's AMD EPYC machine (torch 2.13.0, MKL 2024.2,
+``python -m simulations.bench.thin``, output in
+``docs/results/bench_2026-12-04/thin.txt``), ``M.T @ Q`` with 2 to 11
+columns took 3-17x as long as the same product written ``(Q.T @ M).T``
+(85.6 against 12.6 ms on a 4096 x 4096 matrix with 11 columns, the width
+of TruncSVD's sketch at rank 1, one thread), and ``M @ X`` up to 5x as long
+as ``(X.T @ M.T).T``. At one column, and at 16 and 24 columns with two
+threads, the plain forms were as fast or faster (0.59-0.91x at 16 and 24),
+so those widths keep them.
 
-Both return a transposed view (not contiguous); the values equal the plain
-product up to float32 summation order.
+Both return the product or a transposed view of it (not necessarily
+contiguous); the values equal the plain product up to float32 summation
+order.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["t_times_thin", "times_thin"]
+__all__ = ["plain_is_fast", "t_times_thin", "times_thin"]
+
+
+def plain_is_fast(width: int) -> bool:
+    """Whether the plain layout is kept for ``width`` columns: one column, or 16, 24, 32, ... (measured above)."""
+    return width == 1 or (width >= 16 and width % 8 == 0)
 
 
 def times_thin(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``m @ x`` for a thin ``x`` (``d x w``, ``w`` small), computed as ``(x.T @ m.T).T``."""
-    return (x.T @ m.T).T
+    """``m @ x`` for a thin ``x`` (``d x w``, ``w`` small), computed as ``(x.T @ m.T).T`` but at plain-fast widths."""
+    return m @ x if plain_is_fast(int(x.shape[-1])) else (x.T @ m.T).T
 
 
 def t_times_thin(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``m.T @ q`` for a thin ``q`` (``n x w``, ``w`` small), computed as ``(q.T @ m).T``."""
-    return (q.T @ m).T
+    """``m.T @ q`` for a thin ``q`` (``n x w``, ``w`` small), computed as ``(q.T @ m).T`` but at plain-fast widths."""
+    return m.T @ q if plain_is_fast(int(q.shape[-1])) else (q.T @ m).T

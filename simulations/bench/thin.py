@@ -9,7 +9,7 @@ of ``M @ X`` against ``(X.T @ M.T).T`` and of ``M.T @ Q`` against
     python -m simulations.bench.thin                    # 1 and 2 threads
     python -m simulations.bench.thin --threads 2 --quick
 
-Use it to check the layout :mod:`osd_fl.thin` chose on a new CPU or BLAS.
+Use it to check the layout :mod:`osd_fl.thin` picks (last column) on a new CPU or BLAS.
 """
 
 from __future__ import annotations
@@ -22,12 +22,20 @@ from collections.abc import Callable
 
 import torch
 
-from osd_fl.thin import t_times_thin, times_thin
+from osd_fl.thin import plain_is_fast
 from simulations.bench.harness import header, print_table, wait_quiet
 from simulations.devices import seeded, torch_threads
 
 SHAPES = [(384, 384), (1536, 384), (3072, 768), (4096, 4096)]
 SHAPES_QUICK = [(384, 384), (1536, 384)]
+
+
+def _thin_first(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x.T @ m.T).T
+
+
+def _thin_first_t(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (q.T @ m).T
 
 
 def _median_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -43,7 +51,7 @@ def _median_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
 
 
 def compare(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
-    """One row per width: the four medians and the two ratios plain / thin-first."""
+    """One row per width: the four medians, the two ratios plain / thin-first, and the form osd_fl.thin picks."""
     with seeded(0):
         m = torch.randn(n, d)
         rows = []
@@ -52,9 +60,9 @@ def compare(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
             plain_r, thin_r, plain_t, thin_t = _median_ms(
                 [
                     functools.partial(torch.matmul, m, x),
-                    functools.partial(times_thin, m, x),
+                    functools.partial(_thin_first, m, x),
                     functools.partial(torch.matmul, m.T, q),
-                    functools.partial(t_times_thin, m, q),
+                    functools.partial(_thin_first_t, m, q),
                 ],
                 repeats,
             )
@@ -68,6 +76,7 @@ def compare(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
                     f"{plain_t:.3f}",
                     f"{thin_t:.3f}",
                     f"{plain_t / thin_t:.2f}",
+                    "plain" if plain_is_fast(w) else "thin first",
                 ]
             )
     return rows
@@ -94,7 +103,17 @@ def main(argv: list[str] | None = None) -> None:
                 quiet = wait_quiet(f"{n}x{d}, {threads} threads")
                 print(f"\n{n}x{d}, {threads} thread(s); {quiet}; median ms of {args.repeats} interleaved repeats")
                 print_table(
-                    ["matrix", "width", "M @ X", "(X^T M^T)^T", "ratio", "M^T @ Q", "(Q^T M)^T", "ratio"],
+                    [
+                        "matrix",
+                        "width",
+                        "M @ X",
+                        "(X^T M^T)^T",
+                        "ratio",
+                        "M^T @ Q",
+                        "(Q^T M)^T",
+                        "ratio",
+                        "osd_fl.thin uses",
+                    ],
                     compare(n, d, widths, args.repeats),
                 )
 
