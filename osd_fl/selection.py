@@ -141,8 +141,8 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     counts = [int(c) for c in np.bincount(fid[:lo], minlength=nf)]
     spent = selection_bytes(counts, slots, value_bytes)
     extra_keep = _greedy_fill(fid, lo, min(len(order_np), lo + GREEDY_SCAN), counts, slots, value_bytes, budget - spent)
-    chosen, chosen_fid = order_np[:lo], fid[:lo]
+    kept = np.zeros(total, dtype=bool)  # a mask of the flat slots: each section's positions come out sorted
+    kept[order_np[:lo]] = True
     if extra_keep:
-        keep = np.asarray(extra_keep, dtype=np.int64)
-        chosen, chosen_fid = np.concatenate([chosen, order_np[keep]]), np.concatenate([chosen_fid, fid[keep]])
-    return [np.sort(chosen[chosen_fid == f] - offsets[f]) for f in range(nf)]
+        kept[order_np[np.asarray(extra_keep, dtype=np.int64)]] = True
+    return [np.flatnonzero(kept[offsets[f] : offsets[f + 1]]) for f in range(nf)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from osd_fl import compress, decompress, payload_budget
 from osd_fl.compressor import MatrixItem
 from osd_fl.config import CompressionConfig
 from osd_fl.methods.osd import OSD, damage_scores
+from osd_fl.methods.sparse_lowrank import _contenders, candidate_errors
 from osd_fl.sizes import LOWRANK_OVERHEAD, matrix_budget
 from osd_fl.svd import split_factors, truncated_svd
 from osd_fl.thin import t_times_thin, times_thin
@@ -48,6 +50,35 @@ def test_thin_products_equal_the_plain_products(width: int) -> None:
     assert times_thin(m, x).shape == (300, width) and t_times_thin(m, q).shape == (70, width)
     torch.testing.assert_close(times_thin(m, x), m @ x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t_times_thin(m, q), m.T @ q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["exact", "randomized"])
+def test_whole_candidates_error_falls_with_rank(mode: str) -> None:
+    """Adaptive c skips whole candidates below the largest (Z = ones): their error is ||M||^2 - sum s^2, falling."""
+    m = low_rank_plus_sparse(200, 120, rank=6, seed=3)
+    u, s, vh = truncated_svd(m, 5, mode=mode, generator=torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    a, b = split_factors(u, s, vh, 5)
+    errors = candidate_errors(m, None, [(a[:, :k], b[:k]) for k in range(1, 6)])
+    direct = [float(((m - a[:, :k] @ b[:k]) ** 2).sum()) for k in range(1, 6)]
+    total = float((m.double() ** 2).sum())
+    for k in range(1, 6):
+        expected = total - float((s[:k].double() ** 2).sum())
+        assert errors[k - 1] == pytest.approx(expected, rel=1e-4, abs=1e-6 * total)
+        assert direct[k - 1] == pytest.approx(expected, rel=1e-4, abs=1e-6 * total)
+    gaps = [float(s[k].double() ** 2) for k in range(1, 5)]
+    for k in range(4):  # each step down is the next s^2, far above float32 noise here
+        assert errors[k] - errors[k + 1] == pytest.approx(gaps[k], rel=1e-3)
+
+
+def test_contenders_drop_only_whole_candidates_below_the_largest() -> None:
+    a, b = torch.ones(4, 3), torch.ones(3, 5)
+    whole = (np.arange(12), np.arange(15))
+    part = (np.arange(5), np.arange(15))
+    chosen = [(a[:, :1], b[:1], None), (a[:, :2], b[:2], (np.arange(8), np.arange(10))), (a, b, whole), (a, b, part)]
+    assert _contenders(chosen, weighted=False) == [2, 3]
+    assert _contenders(chosen, weighted=True) == [0, 1, 2, 3]
+    assert _contenders(chosen[:1], weighted=False) == [0]
+    assert _contenders([chosen[0], chosen[3]], weighted=False) == [0, 1]
 
 
 def test_split_factors_reproduce_svd() -> None:

@@ -187,6 +187,38 @@ def _pair_index(
     return parts if device.type == "cpu" else tuple(t.to(device) for t in parts)  # type: ignore[return-value]
 
 
+#: A candidate of adaptive c: factors ``A``, ``B`` and their kept positions (``None``: dense factors).
+Candidate = tuple[torch.Tensor, torch.Tensor, Positions | None]
+
+
+def _masked_pair(cand: Candidate) -> Factors:
+    a, b, pos = cand
+    assert pos is not None
+    return masked(a, pos[0]), masked(b, pos[1])
+
+
+def _contenders(chosen: Sequence[Candidate], *, weighted: bool) -> list[int]:
+    """Indices of the candidates adaptive c must compare (``chosen`` in increasing rank).
+
+    Without an importance map a candidate whose factors are kept whole is the
+    truncated SVD at its rank, whose error ``||M||^2 - sum_{i<=k} s_i^2``
+    (``U^T M V = S`` holds for the exact and the randomized SVD alike) falls
+    with the rank: of the whole candidates only the largest can win, so the
+    others are not compared. With int8 values at ``r = 1`` the ranks
+    ``r + 1`` and ``r + 2`` fit whole, so two of the four candidates
+    (``c = 0, 1``) are dropped. With ``Z`` the weighted error need not fall with the rank, and all
+    are compared.
+    """
+    if weighted:
+        return list(range(len(chosen)))
+    whole = [
+        i
+        for i, (a, b, pos) in enumerate(chosen)
+        if pos is None or (pos[0].size == a.numel() and pos[1].size == b.numel())
+    ]
+    return [i for i in range(len(chosen)) if i not in whole[:-1]]
+
+
 class SparseLowRank(Compressor):
     """Relaxed-rank SVD factors sparsified jointly by a score (the engine of OSD and MagTruncSVD).
 
@@ -236,12 +268,12 @@ class SparseLowRank(Compressor):
 
     def _candidates(
         self, item: MatrixItem, budget: int, cs: list[int], a_max: torch.Tensor, b_max: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor, Positions | None]]:
+    ) -> list[Candidate]:
         """``(A, B, kept positions or None for dense factors)`` of every relaxation in ``cs``."""
         k_max = int(a_max.shape[1])
         with timing.phase("scores"):
             scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
-        chosen: list[tuple[torch.Tensor, torch.Tensor, Positions | None]] = []
+        chosen: list[Candidate] = []
         with timing.phase("select"):
             for c in cs:
                 k = min(self.config.rank + c, k_max)
@@ -272,12 +304,13 @@ class SparseLowRank(Compressor):
             a_max, b_max = split_factors(u, s, vh, k_max)
         # only the winner is encoded
         chosen = self._candidates(item, budget, cs, a_max, b_max)
-        best = 0
-        if len(chosen) > 1:
+        compare = _contenders(chosen, weighted=item.importance is not None)
+        best = compare[0]
+        if len(compare) > 1:
             with timing.phase("candidates"):
-                approx = [(a, b) if pos is None else (masked(a, pos[0]), masked(b, pos[1])) for a, b, pos in chosen]
+                approx = [chosen[i][:2] if chosen[i][2] is None else _masked_pair(chosen[i]) for i in compare]
                 errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
-                best = min(range(len(errors)), key=errors.__getitem__)
+                best = compare[min(range(len(errors)), key=errors.__getitem__)]
         a, b, pos = chosen[best]
         with timing.phase("record"):
             return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])

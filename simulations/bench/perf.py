@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--models",
         default="minilm,bert-base,llama",
-        help="client and server sections: comma-separated subset of the models (server: minilm, bert-base)",
+        help="client and server sections: comma-separated subset of the models (server: minilm, bert-base, bert-large)",
     )
     ap.add_argument("--clients", default=None, help="server section: comma-separated subset of N (e.g. 10,100)")
     ap.add_argument("--max-load", type=float, default=1.2, help="wait for a 1-min load average below this")

@@ -112,7 +112,7 @@ def section_server(args: argparse.Namespace) -> None:
     cases: list[tuple[str, list[int]]] = (
         [("minilm", [10, 30]), ("bert-base", [10])]
         if args.quick
-        else [("minilm", [10, 100, 1000]), ("bert-base", [10, 100])]
+        else [("minilm", [10, 100, 1000]), ("bert-base", [10, 100]), ("bert-large", [10, 100])]
     )
     cases = [(m, [n for n in ns if args.clients is None or n in args.clients]) for m, ns in cases if m in args.models]
     print(

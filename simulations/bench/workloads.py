@@ -20,10 +20,15 @@ from strategies.local_grid import LocalGrid, train_message
 BERT_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "minilm": (6, 384, 12, 1536),  # all-MiniLM-L6-v2, the project's text-task model
     "bert-base": (12, 768, 12, 3072),
+    "bert-large": (24, 1024, 16, 4096),  # server section only: 3.6x BERT-base's update
 }
 
 
-MODEL_LABELS = {"minilm": "MiniLM-L6 (H384)", "bert-base": "BERT-base (H768, L12)"}
+MODEL_LABELS = {
+    "minilm": "MiniLM-L6 (H384)",
+    "bert-base": "BERT-base (H768, L12)",
+    "bert-large": "BERT-large (H1024, L24)",
+}
 
 
 def bert_model(name: str, quick: bool, *, meta: bool = False) -> torch.nn.Module:
@@ -157,13 +162,16 @@ def minilm_shapes(layers: int = 6, hidden: int = 384, ffn: int = 1536) -> dict[s
     return shapes
 
 
-def synthetic_client_app(shapes: Mapping[str, tuple[int, ...]]) -> Any:
+def synthetic_client_app(shapes: Mapping[str, tuple[int, ...]], *, reuse: bool = True) -> Any:
     """A ClientApp (with :func:`clients.osd_mod`) whose "training" adds a fixed synthetic update.
 
-    Each node draws its update and importance maps once and reuses them, so
-    a round costs what the protocol costs: messages, compression, decoding
-    and aggregation, not training. Importance maps are attached only when
-    the server asked for OSD (``osd.*`` keys in the train config).
+    With ``reuse`` each node draws its update and importance maps once and
+    keeps them for its later rounds, so a round costs what the protocol
+    costs: messages, compression, decoding and aggregation, not training.
+    Without it (each node trains once) nothing is kept: two model-sized
+    tensors per node would otherwise stay alive (18 GB for 8 BERT-large
+    nodes). Importance maps are attached only when the server asked for
+    OSD (``osd.*`` keys in the train config).
     """
     app = ClientApp(mods=[osd_mod])
     cache: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
@@ -171,9 +179,10 @@ def synthetic_client_app(shapes: Mapping[str, tuple[int, ...]]) -> Any:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node = int(context.node_id)
-        if node not in cache:
-            cache[node] = (synthetic_update(dict(shapes), seed=node), synthetic_importance(shapes, node))
-        delta, imp = cache[node]
+        drawn = cache.get(node) or (synthetic_update(dict(shapes), seed=node), synthetic_importance(shapes, node))
+        if reuse:
+            cache[node] = drawn
+        delta, imp = drawn
         arrays = next(iter(msg.content.array_records.values()))
         trained = {k: v + delta[k] for k, v in record_to_tensors(arrays).items()}
         content = RecordDict(
@@ -193,7 +202,7 @@ def mod_replies(messages: list[Message], shapes: Mapping[str, tuple[int, ...]], 
     :func:`synthetic_client_app`, with :func:`clients.osd_mod`, runs on a
     :class:`~strategies.local_grid.LocalGrid`, through Flower's serialization both ways.
     """
-    return list(LocalGrid(synthetic_client_app(shapes), nodes).send_and_receive(messages))
+    return list(LocalGrid(synthetic_client_app(shapes, reuse=False), nodes).send_and_receive(messages))
 
 
 def train_messages(global_model: Mapping[str, torch.Tensor], config: CompressionConfig, count: int) -> list[Message]:
