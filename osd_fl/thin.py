@@ -6,12 +6,14 @@ obvious way, ``M @ X`` and ``M.T @ Q``, these hit slow GEMM kernels in MKL
 on some CPUs. On the project's AMD EPYC machine (torch 2.13.0, MKL 2024.2,
 ``python -m simulations.bench.thin``, output in
 ``docs/results/bench_2026-12-04/thin.txt``), ``M.T @ Q`` with 2 to 11
-columns took 3-17x as long as the same product written ``(Q.T @ M).T``
-(85.6 against 12.6 ms on a 4096 x 4096 matrix with 11 columns, the width
-of TruncSVD's sketch at rank 1, one thread), and ``M @ X`` up to 5x as long
-as ``(X.T @ M.T).T``. At one column, and at 16 and 24 columns with two
-threads, the plain forms were as fast or faster (0.59-0.91x at 16 and 24),
-so those widths keep them.
+columns took 2.3-16x as long as the same product written ``(Q.T @ M).T``
+(88.4 against 13.9 ms on a 4096 x 4096 matrix with 11 columns, the width
+of TruncSVD's sketch at rank 1, one thread). For ``M @ X`` the gain of
+``(X.T @ M.T).T`` is smaller and not uniform: 0.62-5.4x at 2 to 11 columns;
+with one thread it was faster at every such width, with two it was slower at
+2, 3 and 7 columns on every shape (and at 6 and 11 on 4096 x 4096). At
+one column, and at 16 and 24 columns with two threads, the plain forms were
+as fast or faster (0.70-1.07x), so those widths keep them.
 
 Both return the product or a transposed view of it (not necessarily
 contiguous); the values equal the plain product up to float32 summation

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from osd_fl import CompressionConfig, compress, timing
+from osd_fl import CompressionConfig, compress, resolve_config, timing
+from osd_fl.sizes import factor_room, matrix_budget
+from osd_fl.thin import times_thin
 from simulations.bench.harness import header, load1, print_table, timed, wait_quiet
 from simulations.bench.workloads import llama_update
 
@@ -25,6 +27,28 @@ SPLIT_SHAPES = [(384, 384), (1536, 384), (3072, 768), (4096, 4096), (11008, 4096
 SPLIT_SHAPES_QUICK = [(384, 384), (1536, 384), (1024, 1024)]
 #: The library's phases, in the order they run.
 PHASES = ("svd", "scores", "select", "candidates", "record")
+
+
+def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
+    """The two operations adaptive c cannot avoid, alone: a top-k over the largest candidate's scores, one ``M B^T``.
+
+    ``bare topk``: ``torch.topk`` of as many of the ``(n + d)(r + relax)`` scores as the
+    budget's values allow (what :func:`osd_fl.selection.select` ranks); ``bare M B^T``:
+    ``M`` times the rows of two candidates' ``B`` (ranks ``r + relax - 1`` and ``r + relax``,
+    what the default compares), through :func:`osd_fl.thin.times_thin`.
+    """
+    n, d = mat.shape
+    cfg = resolve_config(cfg)
+    k = cfg.rank + cfg.relax
+    gen = torch.Generator(device=mat.device).manual_seed(0)
+    scores = torch.rand((n + d) * k, generator=gen, device=mat.device)
+    room = factor_room(matrix_budget(n, d, cfg.rank, cfg.budget_value_dtype), 1, cfg.value_dtype)
+    count = min(scores.numel(), room // cfg.value_bytes)
+    b_rows = torch.randn(2 * k - 1, d, generator=gen, device=mat.device)
+    return {
+        "bare topk": functools.partial(torch.topk, scores, count, sorted=True),
+        "bare M B^T": functools.partial(times_thin, mat, b_rows.T),
+    }
 
 
 def split_case(n: int, d: int, cfg: CompressionConfig, device: torch.device, repeats: int) -> dict[str, float]:
@@ -42,7 +66,12 @@ def split_case(n: int, d: int, cfg: CompressionConfig, device: torch.device, rep
         "osd adaptive ones": (cfg, None),
     }
     times: dict[str, list[float]] = {}
+    bare = _bare_work(mat, cfg)
     for rep in range(repeats + 1):  # the first pass is a warm-up
+        for label, fn in bare.items():
+            seconds, _ = timed(fn, device)
+            if rep:
+                times.setdefault(label, []).append(seconds * 1e3)
         for label, (config, imp) in cases.items():
             run = functools.partial(compress, {"w": mat}, config=config, importance=imp)
             with timing.record(sync) as phases:
@@ -72,6 +101,7 @@ def split_row(n: int, d: int, med: dict[str, float], quiet: str, suffix: str = "
         f"{adaptive:.1f} ({adaptive / base:.2f}x)",
         *(f"{t:.1f}" for t in phases),
         f"{adaptive - sum(phases):.1f}",
+        f"{med['bare topk']:.2f} + {med['bare M B^T']:.2f}",
         quiet.split(",")[0],
     ]
 
@@ -115,6 +145,7 @@ def _print_split(rows: list[list[Any]], cfg: CompressionConfig) -> None:
             "candidate errors",
             "record",
             "outside",
+            "bare top-k + M B^T",
             "load at start",
         ],
         rows,
