@@ -2,7 +2,7 @@
 
 The same decoded OSD payloads (``distinct`` different client updates,
 cycled to N clients, each with its own weight) are summed both ways in one
-process, alternating, and the table gives seconds per round, the ratio, and
+process, alternating (``--repeats`` times, medians), and the table gives seconds per round, the ratio, and
 the largest difference relative to the sum's largest entry::
 
     python -m simulations.bench.aggregate                       # MiniLM shapes, r = 1, N = 10, 100, 1000
@@ -16,6 +16,7 @@ computed, not measured: at most ``chunk + k`` float32 columns per matrix (as dec
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--distinct", type=int, default=8, help="different client updates, cycled to N")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of both paths; medians reported")
     args = ap.parse_args(argv)
     shapes = minilm_shapes(**MODELS[args.model])
     with torch_threads(args.threads):
@@ -79,17 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{args.model}: {params:,} parameters ({4 * params / 2**20:.0f} MiB float32), {args.method} r={args.rank}, "
             f"torch threads {torch.get_num_threads()}; decode {1000 * decode_s:.1f} ms per reply (both paths); "
-            f"pending factors at most {pending / 2**20:.0f} MiB (computed)"
+            f"pending factors at most {pending / 2**20:.0f} MiB (computed); medians of {args.repeats} interleaved runs"
         )
         print("| clients | rebuild each reply (s) | factor space (s) | speed-up | max diff / max entry |")
         print("|---|---|---|---|---|")
         for n in (int(x) for x in args.clients.split(",")):
-            t0 = time.perf_counter()
-            factored = _factor(shapes, payloads, n)
-            t_factor = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            rebuilt = _rebuild(shapes, payloads, n)
-            t_rebuild = time.perf_counter() - t0
+            factor_s, rebuild_s = [], []
+            for _ in range(args.repeats):  # interleaved: a burst of load hits both paths alike
+                t0 = time.perf_counter()
+                factored = _factor(shapes, payloads, n)
+                factor_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rebuilt = _rebuild(shapes, payloads, n)
+                rebuild_s.append(time.perf_counter() - t0)
+            t_factor, t_rebuild = statistics.median(factor_s), statistics.median(rebuild_s)
             diff = max(float((factored[k] - rebuilt[k]).abs().max()) for k in shapes)
             scale = max(float(rebuilt[k].abs().max()) for k in shapes)
             print(f"| {n} | {t_rebuild:.2f} | {t_factor:.2f} | {t_rebuild / t_factor:.1f}x | {diff / scale:.1e} |")
