@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["plain_is_fast", "t_times_thin", "times_thin"]
+__all__ = ["plain_is_fast", "t_times_thin", "thin_first", "thin_first_t", "times_thin"]
 
 
 def plain_is_fast(width: int) -> bool:
@@ -32,11 +32,21 @@ def plain_is_fast(width: int) -> bool:
     return width == 1 or (width >= 16 and width % 8 == 0)
 
 
+def thin_first(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``m @ x`` written ``(x.T @ m.T).T``, at any width (what :func:`times_thin` picks off the plain-fast widths)."""
+    return (x.T @ m.T).T
+
+
+def thin_first_t(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``m.T @ q`` written ``(q.T @ m).T``, at any width (what :func:`t_times_thin` picks off the plain-fast widths)."""
+    return (q.T @ m).T
+
+
 def times_thin(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``m @ x`` for a thin ``x`` (``d x w``, ``w`` small), computed as ``(x.T @ m.T).T`` but at plain-fast widths."""
-    return m @ x if plain_is_fast(int(x.shape[-1])) else (x.T @ m.T).T
+    """``m @ x`` for a thin ``x`` (``d x w``, ``w`` small): :func:`thin_first` but at plain-fast widths."""
+    return m @ x if plain_is_fast(int(x.shape[-1])) else thin_first(m, x)
 
 
 def t_times_thin(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``m.T @ q`` for a thin ``q`` (``n x w``, ``w`` small), computed as ``(q.T @ m).T`` but at plain-fast widths."""
-    return m.T @ q if plain_is_fast(int(q.shape[-1])) else (q.T @ m).T
+    """``m.T @ q`` for a thin ``q`` (``n x w``, ``w`` small): :func:`thin_first_t` but at plain-fast widths."""
+    return m.T @ q if plain_is_fast(int(q.shape[-1])) else thin_first_t(m, q)

@@ -22,20 +22,12 @@ from collections.abc import Callable
 
 import torch
 
-from osd_fl.thin import plain_is_fast
+from osd_fl.thin import plain_is_fast, thin_first, thin_first_t
 from simulations.bench.harness import header, print_table, wait_quiet
 from simulations.devices import seeded, torch_threads
 
 SHAPES = [(384, 384), (1536, 384), (3072, 768), (4096, 4096)]
 SHAPES_QUICK = [(384, 384), (1536, 384)]
-
-
-def _thin_first(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x.T @ m.T).T
-
-
-def _thin_first_t(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return (q.T @ m).T
 
 
 def _median_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -60,9 +52,9 @@ def compare(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
             plain_r, thin_r, plain_t, thin_t = _median_ms(
                 [
                     functools.partial(torch.matmul, m, x),
-                    functools.partial(_thin_first, m, x),
+                    functools.partial(thin_first, m, x),
                     functools.partial(torch.matmul, m.T, q),
-                    functools.partial(_thin_first_t, m, q),
+                    functools.partial(thin_first_t, m, q),
                 ],
                 repeats,
             )
