@@ -75,6 +75,57 @@ def _greedy_fill(
     return keep
 
 
+def _ranked(
+    flat: npt.NDArray[np.float32], count: int, known: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The ``count`` best slots of ``flat`` in the order ``(-score, position)``, sorted only past ``known``.
+
+    Returns ``(head, tail)``: ``head`` holds the best ``len(head) < known``
+    slots in position order (every prefix up to rank ``known`` contains
+    them), ``tail`` the slots of ranks ``len(head) .. count - 1`` in rank
+    order. One order statistic (``np.partition``) splits them, so only the
+    slots below it are sorted.
+    """
+    high = np.partition(flat, flat.size - known)[flat.size - known]  # the known-th best score
+    above = flat > high
+    head = np.flatnonzero(above)
+    rest = np.flatnonzero(~above)
+    tail = rest[_order(flat[rest])][: count - head.size]
+    return head, tail
+
+
+def _order(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    """``argsort(-vals, kind="stable")`` (best first, ties by index), as one sort of 64-bit keys.
+
+    The float32 bits, mapped to unsigned integers in the same order and
+    inverted, are the high half of each key and the index its low half
+    (NaN is not expected: :func:`select` cleans the scores first): a
+    plain ``np.sort`` of the keys (vectorised) then orders by score and
+    breaks ties by index, in under half the time of a stable argsort.
+    """
+    u = (np.asarray(vals, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 makes -0.0 equal to 0.0
+    ordered = np.where(u >> 31, ~u, u | np.uint32(0x80000000))  # the IEEE order as unsigned integers
+    keys = ((~ordered).astype(np.uint64) << np.uint64(32)) | np.arange(u.size, dtype=np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def _top(flat: torch.Tensor, count: int) -> npt.NDArray[np.int64]:
+    """The ``count`` best slots of ``flat`` in the order ``(-score, position)``, by ``torch.topk``.
+
+    ``torch.topk`` orders equal scores arbitrarily; the slots tied with the
+    last kept score are taken in position order from the whole ``flat`` (one
+    comparison pass), and a tie inside the rest re-sorts it.
+    """
+    vals, idx = torch.topk(flat, count, sorted=True)
+    last = vals[-1]
+    above = int(torch.count_nonzero(vals > last))
+    head = idx[:above].cpu().numpy().astype(np.int64)
+    if above > 1 and bool((vals[1:above] == vals[: above - 1]).any()):
+        head = head[np.lexsort((head, -vals[:above].cpu().numpy()))]
+    tied = torch.nonzero(flat == last).reshape(-1)[: count - above]
+    return np.concatenate([head, tied.cpu().numpy().astype(np.int64)])
+
+
 def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> list[npt.NDArray[np.int64]]:
     """Pick entries of several sections jointly, best score first, within ``budget`` bytes.
 
@@ -93,6 +144,14 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
         Sorted kept positions of each section. Ties in score are broken by
         position (deterministic).
 
+    Notes
+    -----
+    Any prefix of ``known = (budget - sum(bitmask bytes)) / value_bytes``
+    entries fits, whatever the sections it falls in (no coding costs more
+    than a bitmask), so the bisection starts there and only the ranks past
+    it are sorted (:func:`_ranked`): with int8 values near-full factors
+    are the common case, where a sorted top-k of every kept entry cost
+    several times more (docs/performance.md, section 1b).
     """
     slots = [int(s.numel()) for s in scores]
     total = sum(slots)
@@ -104,45 +163,50 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     if max_count == total and selection_bytes(slots, slots, value_bytes) <= budget:
         # everything fits (coding ALL needs no positions): no scores need ranking
         return [np.arange(m, dtype=np.int64) for m in slots]
-    parts = [s.reshape(-1).to(torch.float32) for s in scores]
-    # one section (top-k of a whole matrix) needs no concatenated copy: nan_to_num makes its own
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-    if max_count >= total:
-        order = torch.sort(flat, descending=True, stable=True).indices
-    else:
-        order = torch.topk(flat, max_count, sorted=True).indices
-    order_np = np.asarray(order.cpu().numpy(), dtype=np.int64)
+    known = min(max_count, max(0, (budget - sum((m + 7) // 8 for m in slots)) // value_bytes))
+    if known > 0:  # near-full sections: partition, sort only past ``known``
+        flat = np.concatenate([s.detach().reshape(-1).cpu().numpy() for s in scores]).astype(np.float32, copy=False)
+        if not np.isfinite(flat).all():  # a fresh copy: safe to clean in place
+            np.nan_to_num(flat, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        head, tail = _ranked(flat, max_count, known)
+    else:  # a few entries of many (top-k of a matrix): torch.topk is the faster
+        parts = [s.reshape(-1).to(torch.float32) for s in scores]
+        # one section needs no concatenated copy: nan_to_num makes its own
+        flat_t = torch.nan_to_num(parts[0] if len(parts) == 1 else torch.cat(parts), nan=0.0, posinf=0.0, neginf=0.0)
+        head, tail = np.zeros(0, dtype=np.int64), _top(flat_t, max_count)
     offsets = np.cumsum([0, *slots])
     nf = len(slots)
-    if nf == 2:  # A and B of one matrix (the common case): section ids and prefix counts in one pass each
-        fid = (order_np >= slots[0]).astype(np.int64)
-        in_a = np.concatenate([[0], np.cumsum(fid == 0)])
+    h = head.size
+    head_counts = np.diff(np.searchsorted(head, offsets))  # head is sorted: its count in each section
+    fid = np.searchsorted(offsets, tail, side="right") - 1  # section of each ranked slot past the head
+    if nf == 2:  # A and B of one matrix (the common case): prefix counts in one pass
+        in_a = np.concatenate([[0], np.cumsum(fid == 0)]) + int(head_counts[0])
         slots_a, slots_b = slots
 
         def cost(t: int) -> int:
-            ca = int(in_a[t])
+            ca = int(in_a[t - h])
             return best_coding(ca, slots_a)[2] + best_coding(t - ca, slots_b)[2] + t * value_bytes
 
     else:
-        fid = np.searchsorted(offsets, order_np, side="right") - 1
 
         def cost(t: int) -> int:
-            counts = np.bincount(fid[:t], minlength=nf)
+            counts = head_counts + np.bincount(fid[: t - h], minlength=nf)
             return selection_bytes([int(c) for c in counts], slots, value_bytes)
 
-    lo, hi = 0, len(order_np)
+    lo, hi = max(h, known), max_count  # every prefix up to ``known`` fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if cost(mid) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    counts = [int(c) for c in np.bincount(fid[:lo], minlength=nf)]
+    counts = [int(c) for c in head_counts + np.bincount(fid[: lo - h], minlength=nf)]
     spent = selection_bytes(counts, slots, value_bytes)
-    extra_keep = _greedy_fill(fid, lo, min(len(order_np), lo + GREEDY_SCAN), counts, slots, value_bytes, budget - spent)
+    scan_end = min(tail.size, lo - h + GREEDY_SCAN)
+    extra_keep = _greedy_fill(fid, lo - h, scan_end, counts, slots, value_bytes, budget - spent)
     kept = np.zeros(total, dtype=bool)  # a mask of the flat slots: each section's positions come out sorted
-    kept[order_np[:lo]] = True
+    kept[head] = True
+    kept[tail[: lo - h]] = True
     if extra_keep:
-        kept[order_np[np.asarray(extra_keep, dtype=np.int64)]] = True
+        kept[tail[np.asarray(extra_keep, dtype=np.int64)]] = True
     return [np.flatnonzero(kept[offsets[f] : offsets[f + 1]]) for f in range(nf)]

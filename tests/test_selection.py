@@ -68,3 +68,36 @@ def test_the_two_section_path_equals_the_general_one(
     for x, y in zip(two, three[:2], strict=True):
         assert x.dtype == y.dtype == np.int64
         np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    sizes=st.lists(st.integers(1, 1500), min_size=1, max_size=3),
+    value_bytes=st.sampled_from([1, 2, 4]),
+    share=st.floats(0.01, 1.2),
+    levels=st.sampled_from([2, 5, 16]),
+)
+def test_ties_are_broken_by_position(seed: int, sizes: list[int], value_bytes: int, share: float, levels: int) -> None:
+    # scores on a few levels (many ties) select exactly what the same scores do once every tie is
+    # broken by a position-decreasing nudge smaller than the gap between levels (exact in float32)
+    gen = torch.Generator().manual_seed(seed)
+    tied = [torch.randint(0, levels, (m,), generator=gen).to(torch.float32) / 16 for m in sizes]
+    flat_pos = torch.arange(sum(sizes), dtype=torch.float32)
+    nudged_flat = torch.cat(tied) + (sum(sizes) - flat_pos) * 2.0**-20
+    nudged = list(torch.split(nudged_flat, sizes))
+    assert len(set(nudged_flat.tolist())) == sum(sizes)  # the nudge leaves no tie
+    budget = int(share * sum(sizes) * value_bytes)
+    for x, y in zip(select(tied, value_bytes, budget), select(nudged, value_bytes, budget), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_order_is_a_stable_descending_argsort() -> None:
+    from osd_fl.selection import _order
+
+    gen = np.random.default_rng(3)
+    vals = np.concatenate(
+        [gen.standard_normal(500), np.zeros(50), -np.zeros(20), np.full(30, 2.5), [np.inf, -np.inf, 1e-45, -1e-45]]
+    ).astype(np.float32)
+    gen.shuffle(vals)
+    np.testing.assert_array_equal(_order(vals), np.argsort(-vals, kind="stable"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,7 +9,7 @@ from osd_fl import compress, decompress, payload_budget
 from osd_fl.compressor import MatrixItem
 from osd_fl.config import CompressionConfig
 from osd_fl.methods.osd import OSD, damage_scores
-from osd_fl.methods.sparse_lowrank import _contenders, candidate_errors
+from osd_fl.methods.sparse_lowrank import _contenders, _whole_errors, candidate_errors
 from osd_fl.sizes import LOWRANK_OVERHEAD, matrix_budget
 from osd_fl.svd import split_factors, truncated_svd
 from osd_fl.thin import t_times_thin, times_thin
@@ -71,14 +70,23 @@ def test_whole_candidates_error_falls_with_rank(mode: str) -> None:
 
 
 def test_contenders_drop_only_whole_candidates_below_the_largest() -> None:
-    a, b = torch.ones(4, 3), torch.ones(3, 5)
-    whole = (np.arange(12), np.arange(15))
-    part = (np.arange(5), np.arange(15))
-    chosen = [(a[:, :1], b[:1], None), (a[:, :2], b[:2], (np.arange(8), np.arange(10))), (a, b, whole), (a, b, part)]
-    assert _contenders(chosen, weighted=False) == [2, 3]
-    assert _contenders(chosen, weighted=True) == [0, 1, 2, 3]
-    assert _contenders(chosen[:1], weighted=False) == [0]
-    assert _contenders([chosen[0], chosen[3]], weighted=False) == [0, 1]
+    assert _contenders([0, 1, 2, 3], [True, True, True, False], weighted=False) == [2, 3]
+    assert _contenders([0, 1, 2, 3], [True, True, True, False], weighted=True) == [0, 1, 2, 3]
+    assert _contenders([0], [True], weighted=False) == [0]
+    assert _contenders([0, 3], [True, False], weighted=False) == [0, 3]
+    assert _contenders([0, 1, 2], [True, False, True], weighted=False) == [1, 2]
+
+
+def test_whole_errors_are_the_expanded_errors() -> None:
+    """A whole candidate's error read off the singular values equals the expansion through ``M`` (Z = ones)."""
+    m = low_rank_plus_sparse(200, 120, rank=6, seed=5)
+    for mode in ("exact", "randomized"):
+        u, s, vh = truncated_svd(m, 5, mode=mode, generator=torch.Generator().manual_seed(0))
+        a, b = split_factors(u, s, vh, 5)
+        expanded = candidate_errors(m, None, [(a[:, :k], b[:k]) for k in range(1, 6)], include_base=False)
+        scale = float((s.double() ** 2).sum())
+        for got, want in zip(_whole_errors(s, range(1, 6)), expanded, strict=True):
+            assert got == pytest.approx(want, abs=1e-5 * scale)
 
 
 def test_split_factors_reproduce_svd() -> None:

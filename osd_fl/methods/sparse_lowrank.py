@@ -50,9 +50,9 @@ def masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
     """``f`` with every entry outside the flat positions ``pos`` (sorted, distinct) set to zero."""
     if pos.size == f.numel():  # every entry kept
         return f
-    mask = torch.zeros(f.numel(), dtype=f.dtype, device=f.device)
-    mask[torch.from_numpy(pos).to(f.device)] = 1
-    return f * mask.reshape(f.shape)
+    keep = np.zeros(f.numel(), dtype=bool)  # built in numpy: half the time of a torch index_put on CPU
+    keep[pos] = True
+    return f * torch.from_numpy(keep).to(f.device).reshape(f.shape)
 
 
 def candidate_errors(
@@ -106,6 +106,8 @@ def candidate_errors(
         return []
     dtype = candidates[0][0].dtype
     m = mat.to(dtype)
+    if z is None and len(candidates) == 1:  # adaptive c's common case with Z = ones: the same terms, fewer calls
+        return [_one_unweighted(m, *candidates[0], include_base)]
     ks = tuple(int(b.shape[0]) for _, b in candidates)
     offsets = [0, *itertools.accumulate(ks)]
     a_all = torch.cat([a for a, _ in candidates], dim=1)  # n x sum(k_c)
@@ -117,6 +119,15 @@ def candidate_errors(
         base, proj, quads = _weighted_terms(m, z.to(dtype), a64, b_all, ks, include_base, block_bytes)
     per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
+
+
+def _one_unweighted(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, include_base: bool) -> float:
+    """``sum (M - AB)^2`` (less ``sum M^2`` unless ``include_base``) of one candidate, by the same expansion."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    cross = float((a64 * times_thin(m, b.T).to(torch.float64)).sum())
+    quad = float(((a64.T @ a64) * (b64 @ b64.T)).sum())
+    base = float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0
+    return base - 2.0 * cross + quad
 
 
 def _unweighted_terms(
@@ -189,32 +200,43 @@ def _pair_index(
 Candidate = tuple[torch.Tensor, torch.Tensor, Positions | None]
 
 
+def _is_whole(a: torch.Tensor, b: torch.Tensor, pos: Positions) -> bool:
+    return pos[0].size == a.numel() and pos[1].size == b.numel()
+
+
 def _masked_pair(cand: Candidate) -> Factors:
     a, b, pos = cand
     assert pos is not None
     return masked(a, pos[0]), masked(b, pos[1])
 
 
-def _contenders(chosen: Sequence[Candidate], *, weighted: bool) -> list[int]:
-    """Indices of the candidates adaptive c must compare (``chosen`` in increasing rank).
+def _contenders(cs: Sequence[int], whole: Sequence[bool], *, weighted: bool) -> list[int]:
+    """The relaxations adaptive c must compare, of ``cs`` (increasing) whose factors fit whole where ``whole``.
 
     Without an importance map a candidate whose factors are kept whole is the
     truncated SVD at its rank, whose error ``||M||^2 - sum_{i<=k} s_i^2``
     (``U^T M V = S`` holds for the exact and the randomized SVD alike) falls
     with the rank: of the whole candidates only the largest can win, so the
-    others are not compared. With int8 values at ``r = 1`` the ranks
-    ``r + 1`` and ``r + 2`` fit whole, so two of the four candidates
-    (``c = 0, 1``) are dropped. With ``Z`` the weighted error need not fall with the rank, and all
-    are compared.
+    others are neither built nor compared. With int8 values at ``r = 1`` the
+    ranks ``r + 1`` and ``r + 2`` fit whole, so two of the four candidates
+    (``c = 0, 1``) are dropped. With ``Z`` the weighted error need not fall
+    with the rank, and all are compared.
     """
     if weighted:
-        return list(range(len(chosen)))
-    whole = [
-        i
-        for i, (a, b, pos) in enumerate(chosen)
-        if pos is None or (pos[0].size == a.numel() and pos[1].size == b.numel())
-    ]
-    return [i for i in range(len(chosen)) if i not in whole[:-1]]
+        return list(cs)
+    largest_whole = max((c for c, w in zip(cs, whole, strict=True) if w), default=None)
+    return [c for c, w in zip(cs, whole, strict=True) if not w or c == largest_whole]
+
+
+def _whole_errors(s: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """``-sum_{i<=k} s_i^2`` for each rank ``k``: a whole candidate's error without ``Z``, less ``||M||^2``.
+
+    The same quantity :func:`candidate_errors` returns with ``include_base=False``
+    (``-2 sum(A * (M B^T)) + sum((A^T A) * (B B^T)) = -2 sum s^2 + sum s^2``
+    since ``U^T M V = S``), read from the singular values without a pass over ``M``.
+    """
+    cum = list(itertools.accumulate(x * x for x in s.detach().to(torch.float64).tolist()))
+    return [-cum[k - 1] for k in ks]
 
 
 class SparseLowRank(Compressor):
@@ -264,20 +286,27 @@ class SparseLowRank(Compressor):
             return list(range(0, cfg.relax + 1))
         return [cfg.relax]
 
+    def _fits_whole(self, item: MatrixItem, budget: int, k: int) -> bool:
+        """Whether rank-``k`` factors fit the budget whole (then :func:`select` keeps every entry)."""
+        return (item.n + item.d) * k * self.config.value_bytes <= sizes.factor_room(budget, 1, self.config.value_dtype)
+
     def _candidates(
         self, item: MatrixItem, budget: int, cs: list[int], a_max: torch.Tensor, b_max: torch.Tensor
     ) -> list[Candidate]:
         """``(A, B, kept positions or None for dense factors)`` of every relaxation in ``cs``."""
         k_max = int(a_max.shape[1])
+        ks = [min(self.config.rank + c, k_max) for c in cs]
+        sparse = [c > 0 and not self._fits_whole(item, budget, k) for c, k in zip(cs, ks, strict=True)]
         with timing.phase("scores"):
-            scored = self.scores(a_max, b_max, item.importance) if max(cs) > 0 else None
+            scored = self.scores(a_max, b_max, item.importance) if any(sparse) else None
         chosen: list[Candidate] = []
         with timing.phase("select"):
-            for c in cs:
-                k = min(self.config.rank + c, k_max)
+            for c, k, sp in zip(cs, ks, sparse, strict=True):
                 a, b = a_max[:, :k].contiguous(), b_max[:k]
                 if c == 0:
                     chosen.append((a, b, None))
+                elif not sp:  # what select keeps when everything fits
+                    chosen.append((a, b, (np.arange(a.numel(), dtype=np.int64), np.arange(b.numel(), dtype=np.int64))))
                 else:
                     assert scored is not None
                     sub = (scored[0][:, :k], scored[1][:k])
@@ -295,23 +324,38 @@ class SparseLowRank(Compressor):
         ``Z`` is read twice for all candidates, not twice per candidate.
         """
         r = self.config.rank
-        cs = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
+        cs_all = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
         with timing.phase("svd"):
-            u, s, vh = self._svd(item, r + max(cs))
-            k_max = min(r + max(cs), int(s.numel()))
+            u, s, vh = self._svd(item, r + max(cs_all))
+            k_max = min(r + max(cs_all), int(s.numel()))
             a_max, b_max = split_factors(u, s, vh, k_max)
-        # only the winner is encoded
+        whole = [c == 0 or self._fits_whole(item, budget, min(r + c, k_max)) for c in cs_all]
+        cs = _contenders(cs_all, whole, weighted=item.importance is not None)
         chosen = self._candidates(item, budget, cs, a_max, b_max)
-        compare = _contenders(chosen, weighted=item.importance is not None)
-        best = compare[0]
-        if len(compare) > 1:
+        best = 0
+        if len(chosen) > 1:  # only the winner is encoded
             with timing.phase("candidates"):
-                approx = [chosen[i][:2] if chosen[i][2] is None else _masked_pair(chosen[i]) for i in compare]
-                errors = candidate_errors(item.mat, item.importance, approx, include_base=False)
-                best = compare[min(range(len(errors)), key=errors.__getitem__)]
+                best = self._least_error(item, chosen, s)
         a, b, pos = chosen[best]
         with timing.phase("record"):
             return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
+
+    @staticmethod
+    def _least_error(item: MatrixItem, chosen: Sequence[Candidate], s: torch.Tensor) -> int:
+        """Index of the candidate of least ``Z``-weighted error.
+
+        With ``Z = ones`` whole candidates are read off ``s`` (:func:`_whole_errors`);
+        the rest, and every candidate with ``Z``, go through one
+        :func:`candidate_errors` call.
+        """
+        errors: dict[int, float] = {}
+        if item.importance is None:
+            whole = [i for i, (a, b, pos) in enumerate(chosen) if pos is None or _is_whole(a, b, pos)]
+            errors.update(zip(whole, _whole_errors(s, [int(chosen[i][1].shape[0]) for i in whole]), strict=True))
+        rest = [i for i in range(len(chosen)) if i not in errors]
+        approx = [chosen[i][:2] if chosen[i][2] is None else _masked_pair(chosen[i]) for i in rest]
+        errors.update(zip(rest, candidate_errors(item.mat, item.importance, approx, include_base=False), strict=True))
+        return min(range(len(chosen)), key=errors.__getitem__)
 
     def record_form(self, n: int, d: int) -> RecordForm:
         """Factors at rank ``r + relax`` at most (``r + max(relax, 1)`` with a global budget), sparse or whole."""
