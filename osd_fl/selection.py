@@ -112,18 +112,24 @@ def _order(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
 def _top(flat: torch.Tensor, count: int) -> npt.NDArray[np.int64]:
     """The ``count`` best slots of ``flat`` in the order ``(-score, position)``, by ``torch.topk``.
 
-    ``torch.topk`` orders equal scores arbitrarily; the slots tied with the
-    last kept score are taken in position order from the whole ``flat`` (one
-    comparison pass), and a tie inside the rest re-sorts it.
+    ``torch.topk`` orders equal scores arbitrarily. One more score than
+    needed tells whether the last kept score is tied with a slot left out;
+    only then are the slots holding it taken in position order from a pass
+    over ``flat``. Ties among the kept slots re-sort them (by score, then
+    position).
     """
-    vals, idx = torch.topk(flat, count, sorted=True)
-    last = vals[-1]
-    above = int(torch.count_nonzero(vals > last))
-    head = idx[:above].cpu().numpy().astype(np.int64)
+    wanted = min(count + 1, flat.numel())
+    vals, idx = torch.topk(flat, wanted, sorted=True)
+    last = vals[count - 1]
+    tied: npt.NDArray[np.int64] | None = None
+    above = count
+    if wanted > count and bool(vals[count] == last):  # a tie across the boundary
+        above = int(torch.count_nonzero(vals[:count] > last))
+        tied = torch.nonzero(flat == last).reshape(-1)[: count - above].cpu().numpy()
+    head = idx[:above].cpu().numpy()
     if above > 1 and bool((vals[1:above] == vals[: above - 1]).any()):
         head = head[np.lexsort((head, -vals[:above].cpu().numpy()))]
-    tied = torch.nonzero(flat == last).reshape(-1)[: count - above]
-    return np.concatenate([head, tied.cpu().numpy().astype(np.int64)])
+    return head if tied is None else np.concatenate([head, tied])
 
 
 def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> list[npt.NDArray[np.int64]]:
