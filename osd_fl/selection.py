@@ -84,12 +84,20 @@ def _ranked(
     slots in position order (every prefix up to rank ``known`` contains
     them), ``tail`` the slots of ranks ``len(head) .. count - 1`` in rank
     order. One order statistic (``np.partition``) splits them, so only the
-    slots below it are sorted.
+    slots below it are sorted; where most slots lie below the ``count``-th
+    score too, a second one leaves those out of the sort.
     """
-    high = np.partition(flat, flat.size - known)[flat.size - known]  # the known-th best score
-    above = flat > high
+    total = flat.size
+    if total - count > count - known:  # many slots below the kept ones: a second order statistic bounds them
+        part = np.partition(flat, (total - count, total - known))
+        low, high = part[total - count], part[total - known]
+        above = flat > high
+        rest = np.flatnonzero(~above & (flat >= low))
+    else:
+        high = np.partition(flat, total - known)[total - known]  # the known-th best score
+        above = flat > high
+        rest = np.flatnonzero(~above)
     head = np.flatnonzero(above)
-    rest = np.flatnonzero(~above)
     tail = rest[_order(flat[rest])][: count - head.size]
     return head, tail
 
