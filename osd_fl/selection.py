@@ -21,7 +21,7 @@ import torch
 from osd_fl.positions import best_coding
 from osd_fl.sizes import selection_bytes
 
-__all__ = ["select"]
+__all__ = ["rank_prefix", "select"]
 
 #: Entries scanned past the prefix by the greedy fill.
 GREEDY_SCAN = 1024
@@ -75,17 +75,32 @@ def _greedy_fill(
     return keep
 
 
-def _ranked(
+def rank_prefix(
     flat: npt.NDArray[np.float32], count: int, known: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The ``count`` best slots of ``flat`` in the order ``(-score, position)``, sorted only past ``known``.
 
-    Returns ``(head, tail)``: ``head`` holds the best ``len(head) < known``
-    slots in position order (every prefix up to rank ``known`` contains
-    them), ``tail`` the slots of ranks ``len(head) .. count - 1`` in rank
-    order. One order statistic (``np.partition``) splits them, so only the
-    slots below it are sorted; where most slots lie below the ``count``-th
-    score too, a second one leaves those out of the sort.
+    One order statistic (``np.partition``) splits off the slots above rank
+    ``known``, so only the slots below it are sorted; where most slots lie
+    below the ``count``-th score too, a second one leaves those out of the
+    sort. :func:`select` calls it with the prefix every coding affords.
+
+    Parameters
+    ----------
+    flat
+        Finite scores, one per slot.
+    count
+        How many of the best slots to return, ``known <= count <= flat.size``.
+    known
+        A rank, ``1 <= known``, whose prefix the caller needs only as a set.
+
+    Returns
+    -------
+    head, tail : numpy.ndarray
+        ``head``: the best ``len(head) < known`` slots, in position order
+        (every prefix of ``known`` or more ranks contains them); ``tail``:
+        the slots of ranks ``len(head) .. count - 1``, in rank order.
+
     """
     total = flat.size
     if total - count > count - known:  # many slots below the kept ones: a second order statistic bounds them
@@ -163,7 +178,7 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     Any prefix of ``known = (budget - sum(bitmask bytes)) / value_bytes``
     entries fits, whatever the sections it falls in (no coding costs more
     than a bitmask), so the bisection starts there and only the ranks past
-    it are sorted (:func:`_ranked`): with int8 values near-full factors
+    it are sorted (:func:`rank_prefix`): with int8 values near-full factors
     are the common case, where a sorted top-k of every kept entry cost
     several times more (docs/performance.md, section 1b).
     """
@@ -182,7 +197,7 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
         flat = np.concatenate([s.detach().reshape(-1).cpu().numpy() for s in scores]).astype(np.float32, copy=False)
         if not np.isfinite(flat).all():  # a fresh copy: safe to clean in place
             np.nan_to_num(flat, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        head, tail = _ranked(flat, max_count, known)
+        head, tail = rank_prefix(flat, max_count, known)
     else:  # a few entries of many (top-k of a matrix): torch.topk is the faster
         parts = [s.reshape(-1).to(torch.float32) for s in scores]
         # one section needs no concatenated copy: nan_to_num makes its own

@@ -101,3 +101,16 @@ def test_order_is_a_stable_descending_argsort() -> None:
     ).astype(np.float32)
     gen.shuffle(vals)
     np.testing.assert_array_equal(_order(vals), np.argsort(-vals, kind="stable"))
+
+
+def test_rank_prefix_is_the_stable_order_past_its_head() -> None:
+    from osd_fl.selection import rank_prefix
+
+    gen = np.random.default_rng(5)
+    for total, count, known in [(3072, 2883, 2499), (3072, 750, 654), (100, 100, 1), (50, 10, 10)]:
+        flat = np.round(gen.random(total) * 40).astype(np.float32)  # many ties
+        order = np.argsort(-flat, kind="stable")
+        head, tail = rank_prefix(flat, count, known)
+        assert head.size < known and np.all(np.diff(head) > 0)
+        np.testing.assert_array_equal(np.sort(order[: head.size]), head)
+        np.testing.assert_array_equal(order[head.size : count], tail)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from osd_fl import CompressionConfig, compress, resolve_config, timing
-from osd_fl.selection import _ranked
+from osd_fl.selection import rank_prefix
 from osd_fl.sizes import factor_room, matrix_budget
 from osd_fl.thin import times_thin
 from simulations.bench.harness import header, load1, print_table, timed, wait_quiet
@@ -37,7 +37,7 @@ def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
     ``bare topk``: a sorted ``torch.topk`` of as many of the ``(n + d)(r + relax)``
     scores as the budget's values allow (what :func:`osd_fl.selection.select`
     ranked until 2026-12-04); ``bare rank``: what it ranks with now
-    (:func:`osd_fl.selection._ranked`: one partition, a sort of the ranks past
+    (:func:`osd_fl.selection.rank_prefix`: one partition, a sort of the ranks past
     the prefix every coding affords); ``bare M B^T``: ``M`` times the
     ``r + relax`` rows of the one candidate the default compares through ``M``,
     via :func:`osd_fl.thin.times_thin`. Each call gets other scores (a pool of
@@ -60,7 +60,7 @@ def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
         return torch.topk(pool[next(turn) % 8], count, sorted=True)
 
     def rank() -> Any:
-        return _ranked(pool_np[next(turn) % 8], count, known) if known > 0 else topk()
+        return rank_prefix(pool_np[next(turn) % 8], count, known) if known > 0 else topk()
 
     return {"bare topk": topk, "bare rank": rank, "bare M B^T": functools.partial(times_thin, mat, b_rows.T)}
 
