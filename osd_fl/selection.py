@@ -21,7 +21,7 @@ import torch
 from osd_fl.positions import best_coding
 from osd_fl.sizes import selection_bytes
 
-__all__ = ["rank_prefix", "select"]
+__all__ = ["affordable_prefix", "rank_prefix", "select"]
 
 #: Entries scanned past the prefix by the greedy fill.
 GREEDY_SCAN = 1024
@@ -73,6 +73,17 @@ def _greedy_fill(
         keep.append(j)
         j += 1
     return keep
+
+
+def affordable_prefix(slots: Sequence[int], value_bytes: int, budget: int) -> int:
+    """How many best-first entries fit ``budget`` whatever sections they fall in (at most ``budget // value_bytes``).
+
+    No position coding costs more than a bitmask, so ``(budget - sum of the
+    sections' bitmask bytes) / value_bytes`` entries always fit; clipped to
+    ``[0, min(sum(slots), budget // value_bytes)]``.
+    """
+    max_count = min(sum(slots), budget // value_bytes)
+    return min(max_count, max(0, (budget - sum((m + 7) // 8 for m in slots)) // value_bytes))
 
 
 def rank_prefix(
@@ -192,7 +203,7 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     if max_count == total and selection_bytes(slots, slots, value_bytes) <= budget:
         # everything fits (coding ALL needs no positions): no scores need ranking
         return [np.arange(m, dtype=np.int64) for m in slots]
-    known = min(max_count, max(0, (budget - sum((m + 7) // 8 for m in slots)) // value_bytes))
+    known = affordable_prefix(slots, value_bytes, budget)
     if known > 0:  # near-full sections: partition, sort only past ``known``
         flat = np.concatenate([s.detach().reshape(-1).cpu().numpy() for s in scores]).astype(np.float32, copy=False)
         if not np.isfinite(flat).all():  # a fresh copy: safe to clean in place

@@ -106,12 +106,11 @@ def candidate_errors(
         return []
     dtype = candidates[0][0].dtype
     m = mat.to(dtype)
-    if z is None and len(candidates) == 1:  # adaptive c's common case with Z = ones: the same terms, fewer calls
-        return [_one_unweighted(m, *candidates[0], include_base)]
     ks = tuple(int(b.shape[0]) for _, b in candidates)
     offsets = [0, *itertools.accumulate(ks)]
-    a_all = torch.cat([a for a, _ in candidates], dim=1)  # n x sum(k_c)
-    b_all = torch.cat([b for _, b in candidates], dim=0)  # sum(k_c) x d
+    # n x sum(k_c) and sum(k_c) x d; one candidate (adaptive c's common case with Z = ones) needs no copy
+    a_all = candidates[0][0] if len(candidates) == 1 else torch.cat([a for a, _ in candidates], dim=1)
+    b_all = candidates[0][1] if len(candidates) == 1 else torch.cat([b for _, b in candidates], dim=0)
     a64 = a_all.to(torch.float64)
     if z is None:
         base, proj, quads = _unweighted_terms(m, a64, b_all, ks, offsets, include_base)
@@ -119,15 +118,6 @@ def candidate_errors(
         base, proj, quads = _weighted_terms(m, z.to(dtype), a64, b_all, ks, include_base, block_bytes)
     per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
-
-
-def _one_unweighted(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, include_base: bool) -> float:
-    """``sum (M - AB)^2`` (less ``sum M^2`` unless ``include_base``) of one candidate, by the same expansion."""
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    cross = float((a64 * times_thin(m, b.T).to(torch.float64)).sum())
-    quad = float(((a64.T @ a64) * (b64 @ b64.T)).sum())
-    base = float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0
-    return base - 2.0 * cross + quad
 
 
 def _unweighted_terms(
@@ -291,21 +281,26 @@ class SparseLowRank(Compressor):
         return (item.n + item.d) * k * self.config.value_bytes <= sizes.factor_room(budget, 1, self.config.value_dtype)
 
     def _candidates(
-        self, item: MatrixItem, budget: int, cs: list[int], a_max: torch.Tensor, b_max: torch.Tensor
+        self,
+        item: MatrixItem,
+        budget: int,
+        cs: list[int],
+        whole: list[bool],
+        a_max: torch.Tensor,
+        b_max: torch.Tensor,
     ) -> list[Candidate]:
-        """``(A, B, kept positions or None for dense factors)`` of every relaxation in ``cs``."""
+        """``(A, B, kept positions or None when dense)`` of each relaxation in ``cs`` (``whole``: it fits whole)."""
         k_max = int(a_max.shape[1])
         ks = [min(self.config.rank + c, k_max) for c in cs]
-        sparse = [c > 0 and not self._fits_whole(item, budget, k) for c, k in zip(cs, ks, strict=True)]
         with timing.phase("scores"):
-            scored = self.scores(a_max, b_max, item.importance) if any(sparse) else None
+            scored = self.scores(a_max, b_max, item.importance) if not all(whole) else None
         chosen: list[Candidate] = []
         with timing.phase("select"):
-            for c, k, sp in zip(cs, ks, sparse, strict=True):
+            for c, k, fits in zip(cs, ks, whole, strict=True):
                 a, b = a_max[:, :k].contiguous(), b_max[:k]
                 if c == 0:
                     chosen.append((a, b, None))
-                elif not sp:  # what select keeps when everything fits
+                elif fits:  # what select keeps when everything fits
                     chosen.append((a, b, (np.arange(a.numel(), dtype=np.int64), np.arange(b.numel(), dtype=np.int64))))
                 else:
                     assert scored is not None
@@ -329,9 +324,9 @@ class SparseLowRank(Compressor):
             u, s, vh = self._svd(item, r + max(cs_all))
             k_max = min(r + max(cs_all), int(s.numel()))
             a_max, b_max = split_factors(u, s, vh, k_max)
-        whole = [c == 0 or self._fits_whole(item, budget, min(r + c, k_max)) for c in cs_all]
-        cs = _contenders(cs_all, whole, weighted=item.importance is not None)
-        chosen = self._candidates(item, budget, cs, a_max, b_max)
+        fits = {c: c == 0 or self._fits_whole(item, budget, min(r + c, k_max)) for c in cs_all}
+        cs = _contenders(cs_all, list(fits.values()), weighted=item.importance is not None)
+        chosen = self._candidates(item, budget, cs, [fits[c] for c in cs], a_max, b_max)
         best = 0
         if len(chosen) > 1:  # only the winner is encoded
             with timing.phase("candidates"):

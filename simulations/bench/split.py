@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from osd_fl import CompressionConfig, compress, resolve_config, timing
-from osd_fl.selection import rank_prefix
+from osd_fl.selection import affordable_prefix, rank_prefix
 from osd_fl.sizes import factor_room, matrix_budget
 from osd_fl.thin import times_thin
 from simulations.bench.harness import header, load1, print_table, timed, wait_quiet
@@ -52,7 +52,7 @@ def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
     pool_np = [p.cpu().numpy() for p in pool]
     room = factor_room(matrix_budget(n, d, cfg.rank, cfg.budget_value_dtype), 1, cfg.value_dtype)
     count = min(pool[0].numel(), room // cfg.value_bytes)
-    known = min(count, max(0, (room - (n * k + 7) // 8 - (k * d + 7) // 8) // cfg.value_bytes))
+    known = affordable_prefix([n * k, k * d], cfg.value_bytes, room)
     b_rows = torch.randn(k, d, generator=gen, device=mat.device)
     turn = itertools.count()
 
