@@ -86,13 +86,16 @@ def _int8_bytes(values: npt.NDArray[np.float32]) -> bytes:
     """Blocks of :data:`INT8_BLOCK` values: all the blocks' float32 scales, then every value as int8."""
     count = int(values.size)
     nblocks = -(-count // INT8_BLOCK)
-    padded = np.zeros(nblocks * INT8_BLOCK, dtype=np.float32)
-    padded[:count] = values
-    blocks = padded.reshape(nblocks, INT8_BLOCK)
-    scales = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+    if count == nblocks * INT8_BLOCK:  # whole blocks: no padded copy
+        blocks = values.astype(np.float32, copy=False).reshape(nblocks, INT8_BLOCK)
+    else:
+        blocks = np.zeros((nblocks, INT8_BLOCK), dtype=np.float32)
+        blocks.reshape(-1)[:count] = values
+    scales = np.abs(blocks).max(axis=1) / np.float32(127)
     safe = np.where(scales > 0, scales, np.float32(1))
-    q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(INT8_WIRE).reshape(-1)[:count]
-    return bytes(scales.astype(INT8_SCALE).tobytes()) + bytes(q.tobytes())
+    x = np.rint(blocks / safe[:, None])
+    q = np.clip(x, -127, 127, out=x).astype(INT8_WIRE).reshape(-1)[:count]
+    return bytes(scales.astype(INT8_SCALE, copy=False).tobytes()) + q.tobytes()
 
 
 def _values_bytes(values: npt.NDArray[np.float32], value_dtype: str) -> bytes:

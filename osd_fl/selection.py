@@ -12,7 +12,9 @@ section can still be cheaper.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,14 +23,14 @@ import torch
 from osd_fl.positions import best_coding
 from osd_fl.sizes import selection_bytes
 
-__all__ = ["affordable_prefix", "rank_prefix", "select"]
+__all__ = ["affordable_prefix", "key_order", "rank_prefix", "select"]
 
 #: Entries scanned past the prefix by the greedy fill.
 GREEDY_SCAN = 1024
 
 
 def _greedy_fill(
-    fid: npt.NDArray[np.int64],
+    fid: npt.NDArray[np.integer[Any]],
     start: int,
     end: int,
     counts: list[int],
@@ -128,14 +130,42 @@ def rank_prefix(
     return head, tail
 
 
+#: Below this many slots :func:`_order` takes a stable argsort, from it :func:`key_order`: the faster of
+#: the two on either side (``python -m simulations.bench.ranking``, docs/performance.md section 1b).
+KEY_SORT_FROM = 2048
+
+
 def _order(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    """``argsort(-vals, kind="stable")`` (best first, ties by index), by whichever is faster at this size.
+
+    Below :data:`KEY_SORT_FROM` slots the two calls of the argsort cost less
+    than the dozen of :func:`key_order`; above it the one vectorised sort of
+    :func:`key_order` wins. Both give the same order.
+    """
+    if vals.size < KEY_SORT_FROM:
+        return np.argsort(-vals, kind="stable")
+    return key_order(vals)
+
+
+def key_order(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
     """``argsort(-vals, kind="stable")`` (best first, ties by index), as one sort of 64-bit keys.
 
     The float32 bits, mapped to unsigned integers in the same order and
     inverted, are the high half of each key and the index its low half
     (NaN is not expected: :func:`select` cleans the scores first): a
     plain ``np.sort`` of the keys (vectorised) then orders by score and
-    breaks ties by index, in under half the time of a stable argsort.
+    breaks ties by index, in about half the time of a stable argsort on
+    long arrays.
+
+    Parameters
+    ----------
+    vals
+        Finite scores.
+
+    Returns
+    -------
+    numpy.ndarray
+        The indices of ``vals``, best first.
     """
     u = (np.asarray(vals, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 makes -0.0 equal to 0.0
     ordered = np.where(u >> 31, ~u, u | np.uint32(0x80000000))  # the IEEE order as unsigned integers
@@ -205,29 +235,35 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
         return [np.arange(m, dtype=np.int64) for m in slots]
     known = affordable_prefix(slots, value_bytes, budget)
     if known > 0:  # near-full sections: partition, sort only past ``known``
-        flat = np.concatenate([s.detach().reshape(-1).cpu().numpy() for s in scores]).astype(np.float32, copy=False)
-        if not np.isfinite(flat).all():  # a fresh copy: safe to clean in place
-            np.nan_to_num(flat, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        parts = [s.detach().reshape(-1) for s in scores]
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(device="cpu", dtype=torch.float32).numpy()
+        if not np.isfinite(flat).all():  # a cleaned copy: the caller's scores stay as they are
+            flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
         head, tail = rank_prefix(flat, max_count, known)
     else:  # a few entries of many (top-k of a matrix): torch.topk is the faster
         parts = [s.reshape(-1).to(torch.float32) for s in scores]
         # one section needs no concatenated copy: nan_to_num makes its own
         flat_t = torch.nan_to_num(parts[0] if len(parts) == 1 else torch.cat(parts), nan=0.0, posinf=0.0, neginf=0.0)
         head, tail = np.zeros(0, dtype=np.int64), _top(flat_t, max_count)
-    offsets = np.cumsum([0, *slots])
     nf = len(slots)
     h = head.size
-    head_counts = np.diff(np.searchsorted(head, offsets))  # head is sorted: its count in each section
-    fid = np.searchsorted(offsets, tail, side="right") - 1  # section of each ranked slot past the head
-    if nf == 2:  # A and B of one matrix (the common case): prefix counts in one pass
-        in_a = np.concatenate([[0], np.cumsum(fid == 0)]) + int(head_counts[0])
+    fid: npt.NDArray[np.integer[Any]]  # section of each ranked slot past the head
+    if nf == 2:  # A and B of one matrix (the common case): fewer, cheaper calls than the general path
         slots_a, slots_b = slots
+        head_a = int(np.searchsorted(head, slots_a))  # head is sorted: its count in A
+        head_counts = np.array([head_a, h - head_a])
+        fid = (tail >= slots_a).view(np.uint8)  # 0: A, 1: B
+        in_b = np.zeros(tail.size + 1, dtype=np.int64)
+        np.cumsum(fid, out=in_b[1:])  # entries of B among the first ranks past the head
 
         def cost(t: int) -> int:
-            ca = int(in_a[t - h])
+            ca = head_a + (t - h) - int(in_b[t - h])
             return best_coding(ca, slots_a)[2] + best_coding(t - ca, slots_b)[2] + t * value_bytes
 
     else:
+        offsets = np.cumsum([0, *slots])
+        head_counts = np.diff(np.searchsorted(head, offsets))  # head is sorted: its count in each section
+        fid = np.searchsorted(offsets, tail, side="right") - 1
 
         def cost(t: int) -> int:
             counts = head_counts + np.bincount(fid[: t - h], minlength=nf)
@@ -249,4 +285,5 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
     kept[tail[: lo - h]] = True
     if extra_keep:
         kept[tail[np.asarray(extra_keep, dtype=np.int64)]] = True
-    return [np.flatnonzero(kept[offsets[f] : offsets[f + 1]]) for f in range(nf)]
+    ends = list(itertools.accumulate(slots))
+    return [np.flatnonzero(kept[end - m : end]) for end, m in zip(ends, slots, strict=True)]

@@ -58,6 +58,7 @@ def test_bench_perf_quick_runs_every_section() -> None:
         "LLaMA-7B-shaped",
         "x TruncSVD",
         "peak / model",
+        "Per reply: decode, conformance",
         "framing share",
     ):
         assert title in out, f"missing {title!r} in the output:\n{out[-3000:]}"

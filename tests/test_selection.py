@@ -93,21 +93,37 @@ def test_ties_are_broken_by_position(seed: int, sizes: list[int], value_bytes: i
 
 
 def test_order_is_a_stable_descending_argsort() -> None:
-    from osd_fl.selection import _order
+    """Both ways of ordering (the argsort below KEY_SORT_FROM slots, the key sort from it) give the same order."""
+    from osd_fl.selection import KEY_SORT_FROM, _order, key_order
 
     gen = np.random.default_rng(3)
-    vals = np.concatenate(
-        [gen.standard_normal(500), np.zeros(50), -np.zeros(20), np.full(30, 2.5), [np.inf, -np.inf, 1e-45, -1e-45]]
-    ).astype(np.float32)
-    gen.shuffle(vals)
-    np.testing.assert_array_equal(_order(vals), np.argsort(-vals, kind="stable"))
+    for normal in (500, KEY_SORT_FROM + 100):
+        vals = np.concatenate(
+            [
+                gen.standard_normal(normal),
+                np.zeros(50),
+                -np.zeros(20),
+                np.full(30, 2.5),
+                [np.inf, -np.inf, 1e-45, -1e-45],
+            ]
+        ).astype(np.float32)
+        gen.shuffle(vals)
+        expected = np.argsort(-vals, kind="stable")
+        np.testing.assert_array_equal(key_order(vals), expected)
+        np.testing.assert_array_equal(_order(vals), expected)
 
 
 def test_rank_prefix_is_the_stable_order_past_its_head() -> None:
     from osd_fl.selection import rank_prefix
 
     gen = np.random.default_rng(5)
-    for total, count, known in [(3072, 2883, 2499), (3072, 750, 654), (100, 100, 1), (50, 10, 10)]:
+    for total, count, known in [
+        (3072, 2883, 2499),
+        (3072, 750, 654),
+        (100, 100, 1),
+        (50, 10, 10),
+        (20000, 15000, 9000),
+    ]:
         flat = np.round(gen.random(total) * 40).astype(np.float32)  # many ties
         order = np.argsort(-flat, kind="stable")
         head, tail = rank_prefix(flat, count, known)

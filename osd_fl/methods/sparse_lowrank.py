@@ -50,9 +50,11 @@ def masked(f: torch.Tensor, pos: npt.NDArray[np.int64]) -> torch.Tensor:
     """``f`` with every entry outside the flat positions ``pos`` (sorted, distinct) set to zero."""
     if pos.size == f.numel():  # every entry kept
         return f
-    keep = np.zeros(f.numel(), dtype=bool)  # built in numpy: half the time of a torch index_put on CPU
-    keep[pos] = True
-    return f * torch.from_numpy(keep).to(f.device).reshape(f.shape)
+    # built in numpy (factors are small: n x k): fewer and cheaper calls than torch's index ops on CPU
+    flat = f.detach().reshape(-1).cpu().numpy()
+    out = np.zeros_like(flat)
+    out[pos] = flat[pos]
+    return torch.from_numpy(out).to(f.device).reshape(f.shape)
 
 
 def candidate_errors(
@@ -111,22 +113,35 @@ def candidate_errors(
     # n x sum(k_c) and sum(k_c) x d; one candidate (adaptive c's common case with Z = ones) needs no copy
     a_all = candidates[0][0] if len(candidates) == 1 else torch.cat([a for a, _ in candidates], dim=1)
     b_all = candidates[0][1] if len(candidates) == 1 else torch.cat([b for _, b in candidates], dim=0)
-    a64 = a_all.to(torch.float64)
+    # the n x sum(k_c) and sum(k_c) x d terms in float64 numpy (small: fewer, cheaper calls than torch's)
+    a64 = _numpy64(a_all)
     if z is None:
         base, proj, quads = _unweighted_terms(m, a64, b_all, ks, offsets, include_base)
     else:
-        base, proj, quads = _weighted_terms(m, z.to(dtype), a64, b_all, ks, include_base, block_bytes)
-    per_col = (a64 * proj).sum(dim=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
+        base, proj_t, quads = _weighted_terms(
+            m, z.to(dtype), a_all.to(torch.float64), b_all, ks, include_base, block_bytes
+        )
+        proj = _numpy64(proj_t)
+    per_col = (a64 * proj).sum(axis=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
 
 
+def _numpy64(t: torch.Tensor) -> npt.NDArray[np.float64]:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
 def _unweighted_terms(
-    m: torch.Tensor, a64: torch.Tensor, b_all: torch.Tensor, ks: tuple[int, ...], offsets: list[int], include_base: bool
-) -> tuple[float, torch.Tensor, list[float]]:
+    m: torch.Tensor,
+    a64: npt.NDArray[np.float64],
+    b_all: torch.Tensor,
+    ks: tuple[int, ...],
+    offsets: list[int],
+    include_base: bool,
+) -> tuple[float, npt.NDArray[np.float64], list[float]]:
     """``Z = ones``: ``sum M^2``, ``M B^T`` (float64) and each candidate's ``sum((A^T A) * (B B^T))``."""
-    proj = times_thin(m, b_all.T).to(torch.float64)  # n x sum(k_c): one pass over M
+    proj = _numpy64(times_thin(m, b_all.T))  # n x sum(k_c): one pass over M
     base = float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0
-    b64 = b_all.to(torch.float64)
+    b64 = _numpy64(b_all)
     gram = (a64.T @ a64) * (b64 @ b64.T)  # the diagonal blocks are the candidates' last terms
     quads = [float(gram[o : o + k, o : o + k].sum()) for o, k in zip(offsets, ks, strict=False)]
     return base, proj, quads

@@ -6,6 +6,7 @@ is printed by one of these commands::
     python -m simulations.bench.perf --section client   # 1. compression cost per method (MiniLM, BERT, LLaMA)
     python -m simulations.bench.perf --section split    # 1b. OSD's steps timed one by one on single matrices
     python -m simulations.bench.perf --section server   # 2. server decode + aggregation, N = 10 .. 1000 clients
+    python -m simulations.bench.perf --section replies  # 2b. (also printed by 2) server time per reply, by step
     python -m simulations.bench.perf --section codec    # 3. bytes vs the paper's formula and dense, framing, MB/s
     python -m simulations.bench.perf --section round    # 4. wall time of a simulated round, OSD vs dense FedAvg
     python -m simulations.bench.perf --section all
@@ -49,11 +50,11 @@ from simulations.bench.client import child_llama, child_update, section_client
 from simulations.bench.codec import section_codec
 from simulations.bench.harness import QUIET
 from simulations.bench.rounds import section_round
-from simulations.bench.server import child_server, section_server
+from simulations.bench.server import child_server, section_replies, section_server
 from simulations.bench.split import section_split
 from simulations.devices import resolve_device
 
-SECTIONS = ("client", "split", "server", "codec", "round")
+SECTIONS = ("client", "split", "server", "replies", "codec", "round")
 
 
 def child_main(raw: str) -> None:
@@ -92,15 +93,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     args.device = str(resolve_device(args.device))  # children get "cpu" or "cuda", never "auto"
-    sections = SECTIONS if args.section == "all" else (args.section,)
+    # "all": the server section prints 2b itself
+    sections: tuple[str, ...] = (
+        tuple(s for s in SECTIONS if s != "replies") if args.section == "all" else (args.section,)
+    )
     runners = {
         "client": section_client,
         "split": section_split,
         "server": section_server,
+        "replies": section_replies,
         "codec": section_codec,
         "round": section_round,
     }
-    for s in ("client", "split", "codec", "server", "round"):
+    for s in ("client", "split", "codec", "server", "replies", "round"):
         if s in sections:
             runners[s](args)
 

@@ -6,6 +6,7 @@ import argparse
 import gc
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.strategy import FedAvg
 
-from osd_fl import CompressionConfig, decode, iter_tensors, total_dense_bytes
+from osd_fl import (
+    CompressionConfig,
+    check_conformance,
+    decode,
+    exceeds,
+    iter_tensors,
+    payload_limit,
+    resolve_config,
+    total_dense_bytes,
+    value_limit,
+)
 from osd_fl.records import (
     PAYLOAD_RECORD_KEY,
     record_to_payload,
@@ -35,7 +46,11 @@ from simulations.bench.harness import (
 )
 from simulations.bench.workloads import MODEL_LABELS, mod_replies, model_shapes, train_messages
 from strategies import OSDStrategy
+from strategies.aggregation import FactorSum, zeros
 from strategies.local_grid import LocalGrid
+
+#: The steps of one reply's validation and sum, in the order the strategy runs them (strategies.replies).
+PHASES = ("decode", "conformance", "value bound", "sum")
 
 
 def copy_reply(reply: Message, to: Message) -> Message:
@@ -71,7 +86,7 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
             assert isinstance(new_arrays, ArrayRecord), "aggregation failed"
             accepted = metrics.get("accepted", -1) if metrics is not None else -1
             return accepted if isinstance(accepted, int) else -1
-    else:  # the decode + weighted-accumulate loop alone, float32 accumulators
+    else:  # "loop": the decode + weighted-accumulate loop alone, float32 accumulators; "phases": reply_phases
         specs = {k: (tuple(v.shape), v.dtype) for k, v in global_model.items()}
         first = mod_replies(train_messages(global_model, config, distinct), shapes, distinct)
         blobs = [record_to_payload(r.content[PAYLOAD_RECORD_KEY]) for r in first]
@@ -93,6 +108,14 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"clients": n_clients, "model_bytes": model_bytes, "payload_bytes": payload_bytes}
     gc.collect()
+    if mode == "phases":
+        out["accepted"] = n_clients
+        out["phases"] = reply_phases(payloads, specs, config)
+        kinds = Counter(rec.kind.name.lower() for rec in decode(payloads[0], expected=specs).records)
+        out["records"] = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        out["seconds"] = sum(out["phases"].values())
+        out["load_end"] = load1()
+        return out
     if spec["phase"] == "time":
         t0 = time.perf_counter()
         out["accepted"] = aggregate()
@@ -107,14 +130,46 @@ def child_server(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def section_server(args: argparse.Namespace) -> None:
-    header("2. Server aggregation: decode, validate, weighted average of N client payloads", args)
+def reply_phases(payloads: list[bytes], specs: Mapping[str, Any], config: CompressionConfig) -> dict[str, float]:
+    """Seconds spent in each of :data:`PHASES` over all ``payloads``, one reply at a time.
+
+    The steps are those of :func:`strategies.replies.check_reply` and the
+    strategy's :class:`~strategies.aggregation.FactorSum`, in their order.
+    """
+    resolved = resolve_config(config)
+    limit = payload_limit({name: shape for name, (shape, _) in specs.items()}, resolved)
+    sums = FactorSum(zeros(specs))
+    spent = dict.fromkeys(PHASES, 0.0)
+    for i, blob in enumerate(payloads):
+        t0 = time.perf_counter()
+        payload = decode(blob, expected=specs, max_bytes=limit, method=resolved.method)
+        t1 = time.perf_counter()
+        check_conformance(payload, resolved)
+        t2 = time.perf_counter()
+        assert all(exceeds(rec, value_limit(rec.dtype)) is None for rec in payload.records)
+        t3 = time.perf_counter()
+        sums.add(payload, float(100 + i % 7))
+        if i == len(payloads) - 1:
+            sums.flush()
+        t4 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            spent[name] += seconds
+    return spent
+
+
+def server_cases(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
+    """The (model, [N, ...]) pairs of the server sections, filtered by ``--models`` and ``--clients``."""
     cases: list[tuple[str, list[int]]] = (
         [("minilm", [10, 30]), ("bert-base", [10])]
         if args.quick
         else [("minilm", [10, 100, 1000]), ("bert-base", [10, 100]), ("bert-large", [10, 100])]
     )
-    cases = [(m, [n for n in ns if args.clients is None or n in args.clients]) for m, ns in cases if m in args.models]
+    return [(m, [n for n in ns if args.clients is None or n in args.clients]) for m, ns in cases if m in args.models]
+
+
+def section_server(args: argparse.Namespace) -> None:
+    header("2. Server aggregation: decode, validate, weighted average of N client payloads", args)
+    cases = server_cases(args)
     print(
         f"method osd, rank r={args.rank}; replies built from {args.distinct} distinct client payloads "
         "(each reply holds its own copy of the bytes); peak = RSS high-water mark during aggregation minus "
@@ -178,4 +233,22 @@ def section_server(args: argparse.Namespace) -> None:
             ],
             rows,
         )
+    section_replies(args)
+
+
+def section_replies(args: argparse.Namespace) -> None:
+    """2b. Where one reply's server time goes: ms per reply in each step of :func:`reply_phases`."""
+    if args.section == "replies":
+        header("2b. Server time per reply: decode, conformance, value bound, sum", args)
+    rows = []
+    for model, ns in server_cases(args):
+        for n in ns:
+            wait_quiet(f"server phases {model} N={n}")
+            case = {"kind": "server", "model": model, "quick": args.quick, "clients": n, "rank": args.rank}
+            case.update(method="osd", distinct=args.distinct, mode="phases", threads=args.threads, phase="time")
+            res = run_child(case)
+            per = [res["phases"][p] / n * 1e3 for p in PHASES]
+            rows.append([MODEL_LABELS[model], str(n), *(f"{x:.2f}" for x in per), f"{sum(per):.2f}", res["records"]])
+    print("\n## Per reply: decode, conformance, value bound and sum, timed apart (the strategy's order)")
+    print_table(["model", "N", *(f"{p} ms" for p in PHASES), "total ms / reply", "records per reply"], rows)
     print(f"load average (1 min) at end: {load1():.2f}")
