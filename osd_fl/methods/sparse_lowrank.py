@@ -118,16 +118,16 @@ def candidate_errors(
     if z is None:
         base, proj, quads = _unweighted_terms(m, a64, b_all, ks, offsets, include_base)
     else:
-        base, proj_t, quads = _weighted_terms(
-            m, z.to(dtype), a_all.to(torch.float64), b_all, ks, include_base, block_bytes
-        )
+        a64_t = torch.from_numpy(a64).to(a_all.device)  # on CPU the same memory: no second conversion
+        base, proj_t, quads = _weighted_terms(m, z.to(dtype), a64_t, b_all, ks, include_base, block_bytes)
         proj = _numpy64(proj_t)
     per_col = (a64 * proj).sum(axis=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
 
 
 def _numpy64(t: torch.Tensor) -> npt.NDArray[np.float64]:
-    return t.detach().cpu().numpy().astype(np.float64)
+    """``t`` as a float64 numpy array on the CPU (no copy when it already is one)."""
+    return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
 def _unweighted_terms(

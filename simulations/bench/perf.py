@@ -6,7 +6,7 @@ is printed by one of these commands::
     python -m simulations.bench.perf --section client   # 1. compression cost per method (MiniLM, BERT, LLaMA)
     python -m simulations.bench.perf --section split    # 1b. OSD's steps timed one by one on single matrices
     python -m simulations.bench.perf --section server   # 2. server decode + aggregation, N = 10 .. 1000 clients
-    python -m simulations.bench.perf --section replies  # 2b. (also printed by 2) server time per reply, by step
+    python -m simulations.bench.perf --section replies  # 2, per reply (also printed by 2): server time by step
     python -m simulations.bench.perf --section codec    # 3. bytes vs the paper's formula and dense, framing, MB/s
     python -m simulations.bench.perf --section round    # 4. wall time of a simulated round, OSD vs dense FedAvg
     python -m simulations.bench.perf --section all

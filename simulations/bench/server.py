@@ -237,9 +237,9 @@ def section_server(args: argparse.Namespace) -> None:
 
 
 def section_replies(args: argparse.Namespace) -> None:
-    """2b. Where one reply's server time goes: ms per reply in each step of :func:`reply_phases`."""
+    """Section 2, per reply: where one reply's server time goes: ms per reply in each step of :func:`reply_phases`."""
     if args.section == "replies":
-        header("2b. Server time per reply: decode, conformance, value bound, sum", args)
+        header("2. Server time per reply: decode, conformance, value bound, sum", args)
     rows = []
     for model, ns in server_cases(args):
         for n in ns:
