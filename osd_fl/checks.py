@@ -169,18 +169,26 @@ def record_max_abs(rec: TensorRecord) -> float:
     return best
 
 
+def _product_bound(rec: TensorRecord) -> float:
+    """``max_i sum_k |A_ik| * max |B|`` of a LOWRANK record: no value of ``A B`` is larger in magnitude.
+
+    Read off the float32 sections (row sums accumulated in float64) without
+    float64 copies of the factors; 0 when either factor has no kept value.
+    """
+    sec_a, sec_b = rec.sections
+    if sec_a.values.size == 0 or sec_b.values.size == 0:
+        return 0.0
+    rows = np.abs(sec_a.dense()).reshape(rec.matrix_shape[0], rec.rank).sum(axis=1, dtype=np.float64)
+    return float(rows.max()) * float(np.abs(sec_b.values).max())
+
+
 def exceeds(rec: TensorRecord, limit: float) -> float | None:
     """``None`` if every rebuilt value of ``rec`` is at most ``limit`` in magnitude, else the largest one.
 
     The cheap bound decides honest records (whose values are far below any
     :func:`value_limit`) without forming a low-rank product.
     """
-    if rec.kind == Kind.LOWRANK:
-        a, b = _factors(rec)
-        if a.size == 0 or b.size == 0:
-            return None
-        bound = float(np.max(np.sum(np.abs(a), axis=1))) * float(np.max(np.abs(b)))
-        if bound <= limit:
-            return None
+    if rec.kind == Kind.LOWRANK and _product_bound(rec) <= limit:
+        return None
     largest = record_max_abs(rec)
     return largest if largest > limit else None

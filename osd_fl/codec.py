@@ -53,6 +53,7 @@ from osd_fl.positions import Coding, best_coding, decode_positions, encode_posit
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_DECODED_VALUE",
     "MAX_ELEMENTS",
     "VALUE_LIMIT",
     "TensorSpec",
@@ -70,6 +71,10 @@ FORMAT_VERSION = 1
 #: Largest magnitude a transmitted value may have. Keeps every product of two
 #: factors and every sum of up to 2**16 of them finite in float32.
 VALUE_LIMIT = float(2**48)
+#: No value of a decoded DENSE, SPARSE or QUANT8 record is larger in magnitude (2**55): values and int8
+#: block scales are at most :data:`VALUE_LIMIT` and int8 codes at most 127, with room for float32 rounding.
+#: A LOWRANK record's rebuilt values are products of factors and have no such bound.
+MAX_DECODED_VALUE = 128 * VALUE_LIMIT
 _CODE_VALUES = {v: k for k, v in VALUE_CODES.items()}
 _CODE_DTYPES = {v: k for k, v in TENSOR_CODES.items()}
 _MAX_NDIM = 8

@@ -17,7 +17,9 @@ rebuilt tensors) and, when asked, its update norm, or raises
 5. no rebuilt value exceeds the model dtype's safe magnitude
    (:func:`osd_fl.checks.value_limit`: 64 in float16, 2**62 in float32), so
    no single reply can overflow the model, a float16 cast, or a server
-   optimizer's second moment;
+   optimizer's second moment (DENSE, SPARSE and QUANT8 values of a model
+   whose limit is at least :data:`osd_fl.codec.MAX_DECODED_VALUE`, 2**55,
+   are within it by step 3 and are not measured again);
 6. with a norm bound, its float64 norm (:func:`update_norm`, independent of
    torch's thread count).
 """
@@ -34,6 +36,7 @@ from flwr.app.message import make_message
 
 from osd_fl import (
     CompressionConfig,
+    Kind,
     Payload,
     PayloadError,
     check_conformance,
@@ -42,6 +45,7 @@ from osd_fl import (
     record_sq_norm,
     value_limit,
 )
+from osd_fl.codec import MAX_DECODED_VALUE
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload
 from strategies.metrics import clean_reply, common_metrics
 
@@ -112,6 +116,8 @@ def decode_payload(msg: Message, specs: Specs, limit: int, config: CompressionCo
         check_conformance(payload, config)
         for rec in payload.records:
             limit_value = value_limit(rec.dtype)
+            if rec.kind != Kind.LOWRANK and limit_value >= MAX_DECODED_VALUE:
+                continue  # decode bounded these values already: no float64 pass needed to know they fit
             largest = exceeds(rec, limit_value)
             if largest is not None:
                 raise ReplyRejected(
