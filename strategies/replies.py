@@ -49,7 +49,15 @@ from osd_fl.codec import MAX_DECODED_VALUE
 from osd_fl.records import PAYLOAD_RECORD_KEY, record_to_payload
 from strategies.metrics import clean_reply, common_metrics
 
-__all__ = ["MAX_WEIGHT", "ReplyRejected", "check_evaluate_replies", "check_reply", "reply_weight", "update_norm"]
+__all__ = [
+    "MAX_WEIGHT",
+    "ReplyRejected",
+    "check_evaluate_replies",
+    "check_reply",
+    "check_value_bound",
+    "reply_weight",
+    "update_norm",
+]
 
 #: Largest accepted ``num-examples``: every integer up to it is exact in float64,
 #: and weight times the largest decodable value stays far from overflow.
@@ -114,19 +122,35 @@ def decode_payload(msg: Message, specs: Specs, limit: int, config: CompressionCo
         if len(names) != len(set(names)) or set(names) != set(specs):
             raise ReplyRejected(f"payload tensors {sorted(names)} do not match the model's {sorted(specs)}")
         check_conformance(payload, config)
-        for rec in payload.records:
-            limit_value = value_limit(rec.dtype)
-            if rec.kind != Kind.LOWRANK and limit_value >= MAX_DECODED_VALUE:
-                continue  # decode bounded these values already: no float64 pass needed to know they fit
-            largest = exceeds(rec, limit_value)
-            if largest is not None:
-                raise ReplyRejected(
-                    f"tensor {rec.name!r}: an update value of magnitude {largest:.6g} exceeds {limit_value:.6g}, "
-                    f"the largest a {rec.dtype} model accepts (sqrt of the dtype's maximum / 4)"
-                )
+        check_value_bound(payload)
     except PayloadError as exc:
         raise ReplyRejected(f"invalid payload: {exc}") from None
     return payload
+
+
+def check_value_bound(payload: Payload) -> None:
+    """Step 5 of the module docstring, on a payload :func:`osd_fl.decode` returned.
+
+    DENSE, SPARSE and QUANT8 records of a model dtype whose limit is at
+    least :data:`osd_fl.codec.MAX_DECODED_VALUE` are within it by the
+    decoder's own bound and are not measured again; every other record goes
+    through :func:`osd_fl.exceeds`.
+
+    Raises
+    ------
+    ReplyRejected
+        Naming the tensor, the largest magnitude and the limit.
+    """
+    for rec in payload.records:
+        limit_value = value_limit(rec.dtype)
+        if rec.kind != Kind.LOWRANK and limit_value >= MAX_DECODED_VALUE:
+            continue  # decode bounded these values already: no float64 pass needed to know they fit
+        largest = exceeds(rec, limit_value)
+        if largest is not None:
+            raise ReplyRejected(
+                f"tensor {rec.name!r}: an update value of magnitude {largest:.6g} exceeds {limit_value:.6g}, "
+                f"the largest a {rec.dtype} model accepts (sqrt of the dtype's maximum / 4)"
+            )
 
 
 def update_norm(payload: Payload) -> float:
