@@ -298,12 +298,8 @@ def _encode_matrices(
         if limit - fixed <= 0:
             raise ConfigError(f"budget_bytes={limit} is below the payload's fixed part of {fixed} bytes")
         return {rec.name: rec for rec in comp.encode_global(items, limit - fixed, state)}
-    return {
-        item.name: comp.encode_matrix(
-            item, sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_dtype), state
-        )
-        for item in items
-    }
+    budgets = [sizes.matrix_budget(item.n, item.d, cfg.rank, cfg.budget_value_dtype) for item in items]
+    return {rec.name: rec for rec in comp.encode_matrices(items, budgets, state)}
 
 
 def _keep_residual(feedback: ErrorFeedback, tensors: Mapping[str, torch.Tensor], payload: Payload, blob: bytes) -> None:

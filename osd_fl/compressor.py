@@ -15,7 +15,7 @@ of its compressor (:attr:`Compressor.uses_importance`,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
@@ -191,6 +191,17 @@ class Compressor(ABC):
     @abstractmethod
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
         """Compress one matrix into a record whose kind-specific bytes fit ``budget``."""
+
+    def encode_matrices(
+        self, items: Sequence[MatrixItem], budgets: Sequence[int], state: CompressorState
+    ) -> list[TensorRecord]:
+        """Compress each matrix within its own budget: :meth:`encode_matrix` on each, in order.
+
+        A method may override it to share work between matrices (the sparse
+        low-rank engine batches the selection of equal shapes); the records
+        must be those :meth:`encode_matrix` gives.
+        """
+        return [self.encode_matrix(item, budget, state) for item, budget in zip(items, budgets, strict=True)]
 
     def encode_global(self, items: list[MatrixItem], budget: int, state: CompressorState) -> list[TensorRecord]:
         """Compress several matrices sharing ``budget`` kind-specific bytes in total."""

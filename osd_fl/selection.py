@@ -12,6 +12,7 @@ section can still be cheaper.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from osd_fl.positions import best_coding
 from osd_fl.sizes import selection_bytes
 
-__all__ = ["affordable_prefix", "key_order", "rank_prefix", "select"]
+__all__ = ["BATCH_SLOTS", "affordable_prefix", "key_order", "rank_prefix", "select", "select_many"]
 
 #: Entries scanned past the prefix by the greedy fill.
 GREEDY_SCAN = 1024
@@ -287,3 +288,119 @@ def select(scores: Sequence[torch.Tensor], value_bytes: int, budget: int) -> lis
         kept[tail[np.asarray(extra_keep, dtype=np.int64)]] = True
     ends = list(itertools.accumulate(slots))
     return [np.flatnonzero(kept[end - m : end]) for end, m in zip(ends, slots, strict=True)]
+
+
+#: Bits of a slot index in :func:`_rank_rows`'s sort keys.
+_SLOT_BITS = 13
+#: Most slots (entries of ``A`` and ``B``) per matrix that :func:`select_many` ranks as one batch (a
+#: slot index must fit :data:`_SLOT_BITS`); larger matrices have few calls per flop and go one by one.
+BATCH_SLOTS = 1 << _SLOT_BITS
+
+
+@functools.lru_cache(maxsize=32)
+def _coding_table(slots: int) -> npt.NDArray[np.int64]:
+    """Position bytes of ``best_coding(count, slots)`` for every ``count`` in ``0..slots`` (one per shape)."""
+    return np.array([best_coding(c, slots)[2] for c in range(slots + 1)], dtype=np.int64)
+
+
+def _rank_rows(
+    flat: npt.NDArray[np.float32], count: int, known: int
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """:func:`rank_prefix` of every row of ``flat`` (rows of one length, at most :data:`BATCH_SLOTS`).
+
+    Returns the head as a mask (the slots above each row's ``known``-th best
+    score) and, per row, the slots of ranks ``h .. count - 1`` in rank order,
+    left-aligned in a ``g x width`` array (``h`` = that row's head size; what
+    lies past ``count - h`` in a row is not to be read). The slots between
+    the two order statistics of all rows are ordered by one sort of 64-bit
+    keys: row, then the inverted score bits of :func:`key_order`, then slot.
+    """
+    g, total = flat.shape
+    part = np.partition(flat, (total - count, total - known), axis=1)
+    low, high = part[:, total - count : total - count + 1], part[:, total - known : total - known + 1]
+    above = flat > high
+    r_idx, c_idx = np.nonzero(~above & (flat >= low))  # row by row: at least count - h slots per row
+    u = (flat[r_idx, c_idx] + np.float32(0.0)).view(np.uint32)
+    inverted = ~np.where(u >> 31, ~u, u | np.uint32(0x80000000))
+    keys = (r_idx.astype(np.uint64) << np.uint64(32 + _SLOT_BITS)) | (
+        inverted.astype(np.uint64) << np.uint64(_SLOT_BITS)
+    )
+    keys = np.sort(keys | c_idx.astype(np.uint64))
+    cols = (keys & np.uint64(BATCH_SLOTS - 1)).astype(np.int64)
+    lengths = np.bincount(r_idx, minlength=g)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    width = int(count - above.sum(axis=1).min())
+    rank_in_row = np.arange(keys.size) - np.repeat(starts, lengths)
+    inside = rank_in_row < width
+    tail = np.zeros((g, width), dtype=np.int64)
+    tail[r_idx[inside], rank_in_row[inside]] = cols[inside]
+    return above, tail
+
+
+def select_many(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], value_bytes: int, budget: int
+) -> list[list[npt.NDArray[np.int64]]]:
+    """:func:`select` on the two sections ``(A, B)`` of each of several matrices of one shape, as one batch.
+
+    Returns exactly what ``select([s_a, s_b], value_bytes, budget)``
+    returns for each pair (``tests/test_select_many.py``): the same ranks
+    ``(-score, position)``, the same bisection (run for all matrices at
+    once, from the same start) and the same greedy fill, which is the one
+    step still taken matrix by matrix. It exists for models with many small
+    matrices of one shape (MiniLM's 384 x 384), where :func:`select`'s
+    cost is its few dozen numpy calls per matrix, not arithmetic: here they
+    are made once per batch. Pairs of other shapes, batches of one, more
+    than :data:`BATCH_SLOTS` slots per matrix, or a budget off the
+    near-full path (everything fits, or no prefix is affordable) go through
+    :func:`select` one by one.
+    """
+    if not pairs:
+        return []
+    slots_a, slots_b = int(pairs[0][0].numel()), int(pairs[0][1].numel())
+    slots, total = [slots_a, slots_b], slots_a + slots_b
+    max_count = min(total, budget // value_bytes) if budget > 0 else 0
+    known = affordable_prefix(slots, value_bytes, budget) if max_count > 0 else 0
+    everything = max_count == total and selection_bytes(slots, slots, value_bytes) <= budget
+    same = all(int(a.numel()) == slots_a and int(b.numel()) == slots_b for a, b in pairs)
+    if len(pairs) < 2 or not same or total > BATCH_SLOTS or known <= 0 or everything:
+        return [select([a, b], value_bytes, budget) for a, b in pairs]
+    g = len(pairs)
+    stacked = torch.cat(
+        [
+            torch.stack([a.detach().reshape(-1) for a, _ in pairs]),
+            torch.stack([b.detach().reshape(-1) for _, b in pairs]),
+        ],
+        dim=1,
+    )
+    flat = stacked.to(device="cpu", dtype=torch.float32).numpy()
+    if not np.isfinite(flat).all():
+        flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    above, tail = _rank_rows(flat, max_count, known)  # rank_prefix for every row at once
+    h = above.sum(axis=1)
+    width = tail.shape[1]
+    fid = (tail >= slots_a).view(np.uint8)  # section of each rank past the head: 0 A, 1 B
+    count_b = np.zeros((g, width + 1), dtype=np.int64)  # entries of B among the first t ranks past the head
+    np.cumsum(fid, axis=1, out=count_b[:, 1:])
+    head_b = above[:, slots_a:].sum(axis=1)
+    table_a, table_b = _coding_table(slots_a), _coding_table(slots_b)
+    rows = np.arange(g)
+    lo, hi = np.full(g, known, dtype=np.int64), np.full(g, max_count, dtype=np.int64)
+    while (active := lo < hi).any():  # select's bisection, every matrix in step
+        mid = (lo + hi + 1) // 2
+        nb = head_b + count_b[rows, mid - h]
+        fits = table_a[mid - nb] + table_b[nb] + mid * value_bytes <= budget
+        lo = np.where(active & fits, mid, lo)
+        hi = np.where(active & ~fits, mid - 1, hi)
+    kept = above.copy()
+    r_in, p_in = np.nonzero(np.arange(width)[None, :] < (lo - h)[:, None])
+    kept[r_in, tail[r_in, p_in]] = True
+    nb_lo = head_b + count_b[rows, lo - h]
+    for j in range(g):
+        t, start = int(lo[j]), int(lo[j] - h[j])
+        counts = [t - int(nb_lo[j]), int(nb_lo[j])]
+        spent = int(table_a[counts[0]] + table_b[counts[1]]) + t * value_bytes
+        end = min(max_count - int(h[j]), start + GREEDY_SCAN)
+        extra = _greedy_fill(fid[j], start, end, counts, slots, value_bytes, budget - spent)
+        if extra:
+            kept[j, tail[j, np.asarray(extra, dtype=np.int64)]] = True
+    return [[np.flatnonzero(row[:slots_a]), np.flatnonzero(row[slots_a:])] for row in kept]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["plain_is_fast", "t_times_thin", "thin_first", "thin_first_t", "times_thin"]
+__all__ = ["plain_is_fast", "t_times_thin", "thin_first", "thin_first_t", "times_rows_t", "times_thin"]
 
 
 def plain_is_fast(width: int) -> bool:
@@ -50,3 +50,20 @@ def times_thin(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def t_times_thin(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``m.T @ q`` for a thin ``q`` (``n x w``, ``w`` small): :func:`thin_first_t` but at plain-fast widths."""
     return m.T @ q if plain_is_fast(int(q.shape[-1])) else thin_first_t(m, q)
+
+
+def times_rows_t(m: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``m @ rows.T`` for a thin ``rows`` (``w x d``, row-major): the plain product, an NT GEMM.
+
+    When the thin operand comes as rows (the factor ``B`` of ``A B``), the
+    plain form hands it to BLAS transposed; :func:`times_thin`'s layout,
+    written for a ``d x w`` operand, turns it into the slow kind of product.
+    On this project's AMD EPYC with 2 threads (``python -m
+    simulations.bench.thin --rows --threads 2 --widths 2,4,9,10``,
+    docs/performance.md section 1c) the plain form took 1/1.16 to 1/3.7 of
+    the time at 2 and 4 rows on every shape (11008 x 4096, 4 rows: 16.8
+    against 62.5 ms) and about half at 9 and 10 rows from 3072 x 768 up;
+    it was slower (0.77-0.83x) only at 9-10 rows on MiniLM's shapes, a
+    tenth of a millisecond.
+    """
+    return m @ rows.T

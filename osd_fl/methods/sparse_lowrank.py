@@ -30,11 +30,11 @@ import torch
 from osd_fl import sizes, timing
 from osd_fl.compressor import Compressor, CompressorState, MatrixItem, RecordForm, item_generator, lowrank_record
 from osd_fl.payload import Kind, TensorRecord
-from osd_fl.selection import select
+from osd_fl.selection import select, select_many
 from osd_fl.svd import split_factors, truncated_svd
-from osd_fl.thin import times_thin
+from osd_fl.thin import times_rows_t
 
-__all__ = ["BLOCK_BYTES", "Positions", "SparseLowRank", "candidate_errors", "masked"]
+__all__ = ["BLOCK_BYTES", "Positions", "SparseLowRank", "candidate_errors", "masked", "unweighted_errors"]
 
 #: Kept positions of ``A`` and of ``B`` (flat, sorted).
 Positions = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
@@ -106,6 +106,8 @@ def candidate_errors(
     """
     if not candidates:
         return []
+    if z is None:
+        return unweighted_errors([mat], [candidates], include_base=include_base)[0]
     dtype = candidates[0][0].dtype
     m = mat.to(dtype)
     ks = tuple(int(b.shape[0]) for _, b in candidates)
@@ -115,12 +117,9 @@ def candidate_errors(
     b_all = candidates[0][1] if len(candidates) == 1 else torch.cat([b for _, b in candidates], dim=0)
     # the n x sum(k_c) and sum(k_c) x d terms in float64 numpy (small: fewer, cheaper calls than torch's)
     a64 = _numpy64(a_all)
-    if z is None:
-        base, proj, quads = _unweighted_terms(m, a64, b_all, ks, offsets, include_base)
-    else:
-        a64_t = torch.from_numpy(a64).to(a_all.device)  # on CPU the same memory: no second conversion
-        base, proj_t, quads = _weighted_terms(m, z.to(dtype), a64_t, b_all, ks, include_base, block_bytes)
-        proj = _numpy64(proj_t)
+    a64_t = torch.from_numpy(a64).to(a_all.device)  # on CPU the same memory: no second conversion
+    base, proj_t, quads = _weighted_terms(m, z.to(dtype), a64_t, b_all, ks, include_base, block_bytes)
+    proj = _numpy64(proj_t)
     per_col = (a64 * proj).sum(axis=0).tolist()  # sum_i A_ik ((Z M) B^T)_ik for every column k
     return [base - 2.0 * math.fsum(per_col[o : o + k]) + quad for o, k, quad in zip(offsets, ks, quads, strict=False)]
 
@@ -130,21 +129,34 @@ def _numpy64(t: torch.Tensor) -> npt.NDArray[np.float64]:
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
-def _unweighted_terms(
-    m: torch.Tensor,
-    a64: npt.NDArray[np.float64],
-    b_all: torch.Tensor,
-    ks: tuple[int, ...],
-    offsets: list[int],
-    include_base: bool,
-) -> tuple[float, npt.NDArray[np.float64], list[float]]:
-    """``Z = ones``: ``sum M^2``, ``M B^T`` (float64) and each candidate's ``sum((A^T A) * (B B^T))``."""
-    proj = _numpy64(times_thin(m, b_all.T))  # n x sum(k_c): one pass over M
-    base = float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0
-    b64 = _numpy64(b_all)
-    gram = (a64.T @ a64) * (b64 @ b64.T)  # the diagonal blocks are the candidates' last terms
-    quads = [float(gram[o : o + k, o : o + k].sum()) for o, k in zip(offsets, ks, strict=False)]
-    return base, proj, quads
+def unweighted_errors(
+    mats: Sequence[torch.Tensor], candidates: Sequence[Sequence[Factors]], *, include_base: bool = True
+) -> list[list[float]]:
+    """:func:`candidate_errors` with ``Z = ones`` for several matrices of one shape at once.
+
+    ``candidates[j]`` are matrix ``j``'s ``(A_c, B_c)`` pairs, the same ranks
+    for every matrix. One product ``M_j B_j^T`` per matrix (one pass over
+    it); the float64 terms ``sum(A * (M B^T))`` and ``sum((A^T A) * (B B^T))``
+    of all matrices are formed together, in a handful of numpy calls
+    whatever their number (the sparse low-rank engine's batch of equal
+    shapes; :func:`candidate_errors` calls it with one matrix).
+    """
+    ks = tuple(int(b.shape[0]) for _, b in candidates[0])
+    offsets = [0, *itertools.accumulate(ks)]
+    dtype = candidates[0][0][0].dtype
+    ms = [m.to(dtype) for m in mats]
+    a_all = torch.stack([c[0][0] if len(c) == 1 else torch.cat([a for a, _ in c], dim=1) for c in candidates])
+    b_all = torch.stack([c[0][1] if len(c) == 1 else torch.cat([b for _, b in c], dim=0) for c in candidates])
+    proj = _numpy64(torch.stack([times_rows_t(m, b) for m, b in zip(ms, b_all, strict=True)]))  # g x n x K
+    a64, b64 = _numpy64(a_all), _numpy64(b_all)
+    gram = (a64.transpose(0, 2, 1) @ a64) * (b64 @ b64.transpose(0, 2, 1))  # diagonal blocks: the last terms
+    quads = np.stack([gram[:, o : o + k, o : o + k].sum(axis=(1, 2)) for o, k in zip(offsets, ks, strict=False)], 1)
+    per_col = (a64 * proj).sum(axis=1).tolist()  # sum_i A_ik (M B^T)_ik for every column k of every matrix
+    bases = [float(torch.dot(m.reshape(-1), m.reshape(-1))) if include_base else 0.0 for m in ms]
+    return [
+        [base - 2.0 * math.fsum(cols[o : o + k]) + q for o, k, q in zip(offsets, ks, qs, strict=False)]
+        for base, cols, qs in zip(bases, per_col, quads.tolist(), strict=True)
+    ]
 
 
 def _weighted_terms(
@@ -169,7 +181,7 @@ def _weighted_terms(
     for i0 in range(0, n, step):
         mb, zb = m[i0 : i0 + step], zc[i0 : i0 + step]
         wb = torch.mul(mb, zb, out=wbuf[: mb.shape[0]])
-        proj32[i0 : i0 + step] = times_thin(wb, b_all.T)  # (Z M) B^T in osd_fl.thin's layout
+        proj32[i0 : i0 + step] = times_rows_t(wb, b_all)  # (Z M) B^T in osd_fl.thin's layout
         torch.matmul(zb, pairs_t, out=pair32[i0 : i0 + step])
         if include_base:
             base_t += torch.dot(wb.reshape(-1), mb.reshape(-1)).to(torch.float64)
@@ -273,17 +285,28 @@ class SparseLowRank(Compressor):
             item.mat, k, mode=cfg.svd, oversample=cfg.oversample, niter=cfg.niter, generator=item_generator(cfg, item)
         )
 
-    def _sparse(self, item: MatrixItem, a: torch.Tensor, b: torch.Tensor, room: int, scored: Factors) -> Positions:
-        """Kept positions of ``a`` and ``b`` within ``room`` bytes of positions and values."""
+    def _sparse(
+        self, items: Sequence[MatrixItem], cut: Sequence[Factors], room: int, scored: Sequence[Factors]
+    ) -> list[Positions]:
+        """Kept positions of each matrix's ``a`` and ``b`` within ``room`` bytes of positions and values.
+
+        Matrices without a second pass are selected as one batch
+        (:func:`osd_fl.selection.select_many`, the same positions as
+        :func:`osd_fl.selection.select` on each).
+        """
         vb = self.config.value_bytes
-        s_a, s_b = scored
-        pos_a, pos_b = select([s_a, s_b], vb, room)
-        if self.config.second_pass and item.importance is not None:
-            s_b2 = self.second_pass_scores(masked(a, pos_a), b, item.importance)
-            if s_b2 is not None:
-                spent_a = sizes.selection_bytes([pos_a.size], [a.numel()], vb)
-                (pos_b,) = select([s_b2], vb, room - spent_a)
-        return pos_a, pos_b
+        if not (self.config.second_pass and any(item.importance is not None for item in items)):
+            return [(pa, pb) for pa, pb in select_many(scored, vb, room)]
+        out: list[Positions] = []
+        for item, (a, b), (s_a, s_b) in zip(items, cut, scored, strict=True):
+            pos_a, pos_b = select([s_a, s_b], vb, room)
+            if item.importance is not None:
+                s_b2 = self.second_pass_scores(masked(a, pos_a), b, item.importance)
+                if s_b2 is not None:
+                    spent_a = sizes.selection_bytes([pos_a.size], [a.numel()], vb)
+                    (pos_b,) = select([s_b2], vb, room - spent_a)
+            out.append((pos_a, pos_b))
+        return out
 
     def _relax_values(self) -> list[int]:
         cfg = self.config
@@ -297,33 +320,51 @@ class SparseLowRank(Compressor):
 
     def _candidates(
         self,
-        item: MatrixItem,
+        items: Sequence[MatrixItem],
         budget: int,
         cs: list[int],
         whole: list[bool],
-        a_max: torch.Tensor,
-        b_max: torch.Tensor,
-    ) -> list[Candidate]:
-        """``(A, B, kept positions or None when dense)`` of each relaxation in ``cs`` (``whole``: it fits whole)."""
-        k_max = int(a_max.shape[1])
+        factors: Sequence[Factors],
+    ) -> list[list[Candidate]]:
+        """Each matrix's ``(A, B, kept positions or None when dense)`` of every relaxation in ``cs``.
+
+        ``whole``: the relaxation fits whole; ``factors``: each matrix's
+        factors at the largest rank. The matrices share shape and budget.
+        """
+        k_max = int(factors[0][0].shape[1])
         ks = [min(self.config.rank + c, k_max) for c in cs]
+        scored: list[Factors] = []
         with timing.phase("scores"):
-            scored = self.scores(a_max, b_max, item.importance) if not all(whole) else None
-        chosen: list[Candidate] = []
+            if not all(whole):
+                scored = [self.scores(a, b, item.importance) for item, (a, b) in zip(items, factors, strict=True)]
+        chosen: list[list[Candidate]] = [[] for _ in items]
+        room = sizes.factor_room(budget, 1, self.config.value_dtype)
         with timing.phase("select"):
             for c, k, fits in zip(cs, ks, whole, strict=True):
-                a, b = a_max[:, :k].contiguous(), b_max[:k]
+                cut = [(a[:, :k].contiguous(), b[:k]) for a, b in factors]
                 if c == 0:
-                    chosen.append((a, b, None))
+                    for row, (a, b) in zip(chosen, cut, strict=True):
+                        row.append((a, b, None))
                 elif fits:  # what select keeps when everything fits
-                    chosen.append((a, b, (np.arange(a.numel(), dtype=np.int64), np.arange(b.numel(), dtype=np.int64))))
+                    for row, (a, b) in zip(chosen, cut, strict=True):
+                        row.append((a, b, (np.arange(a.numel(), dtype=np.int64), np.arange(b.numel(), dtype=np.int64))))
                 else:
-                    assert scored is not None
-                    sub = (scored[0][:, :k], scored[1][:k])
-                    chosen.append(
-                        (a, b, self._sparse(item, a, b, sizes.factor_room(budget, 1, self.config.value_dtype), sub))
-                    )
+                    subs = [(s_a[:, :k], s_b[:k]) for s_a, s_b in scored]
+                    for row, (a, b), pos in zip(chosen, cut, self._sparse(items, cut, room, subs), strict=True):
+                        row.append((a, b, pos))
         return chosen
+
+    def _prepare(self, item: MatrixItem, budget: int) -> tuple[Factors, torch.Tensor, list[int], list[bool]]:
+        """The SVD at the largest relaxed rank: factors, singular values, contenders and which fit whole."""
+        r = self.config.rank
+        cs_all = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
+        with timing.phase("svd"):
+            u, s, vh = self._svd(item, r + max(cs_all))
+            k_max = min(r + max(cs_all), int(s.numel()))
+            factors = split_factors(u, s, vh, k_max)
+        fits = {c: c == 0 or self._fits_whole(item, budget, min(r + c, k_max)) for c in cs_all}
+        cs = _contenders(cs_all, list(fits.values()), weighted=item.importance is not None)
+        return factors, s, cs, [fits[c] for c in cs]
 
     def encode_matrix(self, item: MatrixItem, budget: int, state: CompressorState) -> TensorRecord:
         """Compress one matrix; with adaptive c keep the candidate of least weighted error.
@@ -333,39 +374,86 @@ class SparseLowRank(Compressor):
         scores of the largest candidate, sliced, are every candidate's scores:
         ``Z`` is read twice for all candidates, not twice per candidate.
         """
-        r = self.config.rank
-        cs_all = [c for c in self._relax_values() if r + c <= min(item.n, item.d)] or [0]
-        with timing.phase("svd"):
-            u, s, vh = self._svd(item, r + max(cs_all))
-            k_max = min(r + max(cs_all), int(s.numel()))
-            a_max, b_max = split_factors(u, s, vh, k_max)
-        fits = {c: c == 0 or self._fits_whole(item, budget, min(r + c, k_max)) for c in cs_all}
-        cs = _contenders(cs_all, list(fits.values()), weighted=item.importance is not None)
-        chosen = self._candidates(item, budget, cs, [fits[c] for c in cs], a_max, b_max)
-        best = 0
-        if len(chosen) > 1:  # only the winner is encoded
+        return self._encode_batch([item], budget, [self._prepare(item, budget)])[0]
+
+    def encode_matrices(
+        self, items: Sequence[MatrixItem], budgets: Sequence[int], state: CompressorState
+    ) -> list[TensorRecord]:
+        """:meth:`encode_matrix` on each matrix, matrices of one shape and budget without ``Z`` as one batch.
+
+        Each matrix has its own SVD; the selection and the comparison of
+        adaptive c's candidates are then made for the whole batch at once
+        (:func:`osd_fl.selection.select_many`, :func:`unweighted_errors`),
+        which cuts the fixed cost of many small calls per matrix on models
+        with many small matrices of one shape (docs/performance.md, section
+        1b). The records are those of :meth:`encode_matrix`.
+        """
+        groups: dict[object, list[int]] = {}
+        for i, (item, budget) in enumerate(zip(items, budgets, strict=True)):
+            key = (item.n, item.d, budget, item.mat.device, item.mat.dtype) if item.importance is None else i
+            groups.setdefault(key, []).append(i)
+        out: dict[int, TensorRecord] = {}
+        for idx in groups.values():
+            batch, budget = [items[i] for i in idx], budgets[idx[0]]
+            preps = [self._prepare(item, budget) for item in batch]
+            shape = (preps[0][0][0].shape, preps[0][2], preps[0][3])
+            if all((p[0][0].shape, p[2], p[3]) == shape for p in preps):
+                out.update(zip(idx, self._encode_batch(batch, budget, preps), strict=True))
+            else:  # a rank-deficient SVD among them: each alone
+                for i, item, prep in zip(idx, batch, preps, strict=True):
+                    out[i] = self._encode_batch([item], budget, [prep])[0]
+        return [out[i] for i in range(len(items))]
+
+    def _encode_batch(
+        self,
+        items: Sequence[MatrixItem],
+        budget: int,
+        preps: Sequence[tuple[Factors, torch.Tensor, list[int], list[bool]]],
+    ) -> list[TensorRecord]:
+        """Records of matrices of one shape and budget whose contenders (``preps[j][2:]``) agree."""
+        _, _, cs, whole = preps[0]
+        chosen = self._candidates(items, budget, cs, whole, [p[0] for p in preps])
+        best = [0] * len(items)
+        if len(cs) > 1:  # only the winner is encoded
             with timing.phase("candidates"):
-                best = self._least_error(item, chosen, s)
-        a, b, pos = chosen[best]
+                best = self._least_errors(items, chosen, [p[1] for p in preps])
+        records = []
         with timing.phase("record"):
-            return lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, pos[0], pos[1])
+            for item, row, k in zip(items, chosen, best, strict=True):
+                a, b, pos = row[k]
+                records.append(lowrank_record(item, a, b) if pos is None else lowrank_record(item, a, b, *pos))
+        return records
 
     @staticmethod
-    def _least_error(item: MatrixItem, chosen: Sequence[Candidate], s: torch.Tensor) -> int:
-        """Index of the candidate of least ``Z``-weighted error.
+    def _least_errors(
+        items: Sequence[MatrixItem], chosen: Sequence[Sequence[Candidate]], ss: Sequence[torch.Tensor]
+    ) -> list[int]:
+        """Index of each matrix's candidate of least ``Z``-weighted error.
 
-        With ``Z = ones`` whole candidates are read off ``s`` (:func:`_whole_errors`);
-        the rest, and every candidate with ``Z``, go through one
-        :func:`candidate_errors` call.
+        With ``Z = ones`` whole candidates are read off ``s`` (:func:`_whole_errors`)
+        and the rest of all matrices go through one :func:`unweighted_errors`
+        call; with ``Z``, one :func:`candidate_errors` call per matrix.
         """
-        errors: dict[int, float] = {}
-        if item.importance is None:
-            whole = [i for i, (a, b, pos) in enumerate(chosen) if pos is None or _is_whole(a, b, pos)]
-            errors.update(zip(whole, _whole_errors(s, [int(chosen[i][1].shape[0]) for i in whole]), strict=True))
-        rest = [i for i in range(len(chosen)) if i not in errors]
-        approx = [chosen[i][:2] if chosen[i][2] is None else _masked_pair(chosen[i]) for i in rest]
-        errors.update(zip(rest, candidate_errors(item.mat, item.importance, approx, include_base=False), strict=True))
-        return min(range(len(chosen)), key=errors.__getitem__)
+        errors: list[dict[int, float]] = [{} for _ in items]
+        for item, row, s, err in zip(items, chosen, ss, errors):  # equal lengths by construction
+            if item.importance is None:
+                whole = [i for i, (a, b, pos) in enumerate(row) if pos is None or _is_whole(a, b, pos)]
+                err.update(zip(whole, _whole_errors(s, [int(row[i][1].shape[0]) for i in whole]), strict=True))
+        rest = [[i for i in range(len(row)) if i not in err] for row, err in zip(chosen, errors, strict=True)]
+        approx = [
+            [row[i][:2] if row[i][2] is None else _masked_pair(row[i]) for i in r]
+            for row, r in zip(chosen, rest, strict=True)
+        ]
+        if len(items) > 1 and rest[0] and all(r == rest[0] for r in rest) and all(i.importance is None for i in items):
+            found = unweighted_errors([item.mat for item in items], approx, include_base=False)
+        else:
+            found = [
+                candidate_errors(item.mat, item.importance, ap, include_base=False)
+                for item, ap in zip(items, approx, strict=True)
+            ]
+        for err, r, e in zip(errors, rest, found, strict=True):
+            err.update(zip(r, e, strict=True))
+        return [min(range(len(row)), key=err.__getitem__) for row, err in zip(chosen, errors, strict=True)]
 
     def record_form(self, n: int, d: int) -> RecordForm:
         """Factors at rank ``r + relax`` at most (``r + max(relax, 1)`` with a global budget), sparse or whole."""

@@ -20,7 +20,7 @@ import torch
 from osd_fl import CompressionConfig, compress, resolve_config, timing
 from osd_fl.selection import affordable_prefix, rank_prefix
 from osd_fl.sizes import factor_room, matrix_budget
-from osd_fl.thin import times_thin
+from osd_fl.thin import times_rows_t
 from simulations.bench.harness import header, load1, print_table, timed, wait_quiet
 from simulations.bench.workloads import llama_update
 
@@ -40,7 +40,7 @@ def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
     (:func:`osd_fl.selection.rank_prefix`: one partition, a sort of the ranks past
     the prefix every coding affords); ``bare M B^T``: ``M`` times the
     ``r + relax`` rows of the one candidate the default compares through ``M``,
-    via :func:`osd_fl.thin.times_thin`. Each call gets other scores (a pool of
+    via :func:`osd_fl.thin.times_rows_t` (the engine's product since 2026-12-07). Each call gets other scores (a pool of
     8): sorting the same scores again runs several times faster (branch
     prediction), which the library never sees.
     """
@@ -62,7 +62,7 @@ def _bare_work(mat: torch.Tensor, cfg: CompressionConfig) -> dict[str, Any]:
     def rank() -> Any:
         return rank_prefix(pool_np[next(turn) % 8], count, known) if known > 0 else topk()
 
-    return {"bare topk": topk, "bare rank": rank, "bare M B^T": functools.partial(times_thin, mat, b_rows.T)}
+    return {"bare topk": topk, "bare rank": rank, "bare M B^T": functools.partial(times_rows_t, mat, b_rows)}
 
 
 def split_case(n: int, d: int, cfg: CompressionConfig, device: torch.device, repeats: int) -> dict[str, float]:

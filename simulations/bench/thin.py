@@ -8,6 +8,12 @@ of ``M @ X`` against ``(X.T @ M.T).T`` and of ``M.T @ Q`` against
 
     python -m simulations.bench.thin                    # 1 and 2 threads
     python -m simulations.bench.thin --threads 2 --quick
+    python -m simulations.bench.thin --rows --threads 2 --widths 2,4,8,10
+
+``--rows`` times instead ``M @ B.T`` for a row-major thin ``B`` (``w x d``,
+a factor of ``A B``; the candidate errors' product): :func:`osd_fl.thin.times_thin`
+on the transposed view (what the engine called until 2026-12-07) against
+the plain NT product :func:`osd_fl.thin.times_rows_t`, LLaMA's 11008 x 4096 included.
 
 Use it to check the layout :mod:`osd_fl.thin` picks (last column) on a new CPU or BLAS.
 """
@@ -22,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from osd_fl.thin import plain_is_fast, thin_first, thin_first_t
+from osd_fl.thin import plain_is_fast, thin_first, thin_first_t, times_rows_t, times_thin
 from simulations.bench.harness import header, print_table, wait_quiet
 from simulations.devices import seeded, torch_threads
 
@@ -74,6 +80,20 @@ def compare(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
     return rows
 
 
+def compare_rows(n: int, d: int, widths: list[int], repeats: int) -> list[list[str]]:
+    """One row per width: ``times_thin(M, B.T)`` against ``times_rows_t(M, B)`` for a row-major ``B``."""
+    with seeded(0):
+        m = torch.randn(n, d)
+        rows = []
+        for w in widths:
+            b = torch.randn(w, d)
+            old, new = _median_ms(
+                [functools.partial(times_thin, m, b.T), functools.partial(times_rows_t, m, b)], repeats
+            )
+            rows.append([f"{n}x{d}", str(w), f"{old:.3f}", f"{new:.3f}", f"{old / new:.2f}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the comparison for each thread count."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", default="1-24", help="'a-b' or comma-separated column counts")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="the two MiniLM shapes only")
+    parser.add_argument("--rows", action="store_true", help="M @ B.T for a row-major B (see above)")
     args = parser.parse_args(argv)
     args.device = "cpu"
     if "-" in args.widths:
@@ -91,9 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     header("Products with a thin matrix: plain layout against osd_fl.thin", args)
     for threads in (int(t) for t in args.threads.split(",")):
         with torch_threads(threads):
-            for n, d in SHAPES_QUICK if args.quick else SHAPES:
+            shapes = SHAPES_QUICK if args.quick else SHAPES + ([(11008, 4096)] if args.rows else [])
+            for n, d in shapes:
                 quiet = wait_quiet(f"{n}x{d}, {threads} threads")
                 print(f"\n{n}x{d}, {threads} thread(s); {quiet}; median ms of {args.repeats} interleaved repeats")
+                if args.rows:
+                    heads = ["matrix", "rows of B", "times_thin(M, B^T)", "times_rows_t(M, B)", "ratio"]
+                    print_table(heads, compare_rows(n, d, widths, args.repeats))
+                    continue
                 print_table(
                     [
                         "matrix",
