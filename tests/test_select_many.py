@@ -24,7 +24,7 @@ from osd_fl.sizes import matrix_budget, selection_bytes
 
 
 def _pairs(seed: int, count: int, slots_a: int, slots_b: int, levels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Score pairs; ``levels > 0`` draws from that many values (ties), with a NaN, an inf and zeros."""
+    """Score pairs; ``levels > 0`` draws from that many values (ties), with a NaN, an inf, zeros and -0.0."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
@@ -32,6 +32,7 @@ def _pairs(seed: int, count: int, slots_a: int, slots_b: int, levels: int) -> li
         if levels:
             a, b = (torch.floor(t * levels) / levels for t in (a, b))
             a[0], b[-1] = float("nan"), float("inf")
+            a[1 : slots_a // 2 : 2] = -0.0  # equal to 0.0: ties by position, as select breaks them
         out.append((a, b))
     return out
 
