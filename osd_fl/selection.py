@@ -168,10 +168,14 @@ def key_order(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
     numpy.ndarray
         The indices of ``vals``, best first.
     """
-    u = (np.asarray(vals, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 makes -0.0 equal to 0.0
-    ordered = np.where(u >> 31, ~u, u | np.uint32(0x80000000))  # the IEEE order as unsigned integers
-    keys = ((~ordered).astype(np.uint64) << np.uint64(32)) | np.arange(u.size, dtype=np.uint64)
+    keys = (_descending_bits(vals).astype(np.uint64) << np.uint64(32)) | np.arange(np.size(vals), dtype=np.uint64)
     return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def _descending_bits(vals: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
+    """Unsigned integers whose ascending order is the scores' descending order (-0.0 equal to 0.0)."""
+    u = (np.asarray(vals, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 makes -0.0 equal to 0.0
+    return ~np.where(u >> 31, ~u, u | np.uint32(0x80000000))  # the IEEE order as unsigned integers, inverted
 
 
 def _top(flat: torch.Tensor, count: int) -> npt.NDArray[np.int64]:
@@ -313,17 +317,15 @@ def _rank_rows(
     left-aligned in a ``g x width`` array (``h`` = that row's head size; what
     lies past ``count - h`` in a row is not to be read). The slots between
     the two order statistics of all rows are ordered by one sort of 64-bit
-    keys: row, then the inverted score bits of :func:`key_order`, then slot.
+    keys: row, then the score bits of :func:`key_order`, then slot.
     """
     g, total = flat.shape
     part = np.partition(flat, (total - count, total - known), axis=1)
     low, high = part[:, total - count : total - count + 1], part[:, total - known : total - known + 1]
     above = flat > high
     r_idx, c_idx = np.nonzero(~above & (flat >= low))  # row by row: at least count - h slots per row
-    u = (flat[r_idx, c_idx] + np.float32(0.0)).view(np.uint32)
-    inverted = ~np.where(u >> 31, ~u, u | np.uint32(0x80000000))
     keys = (r_idx.astype(np.uint64) << np.uint64(32 + _SLOT_BITS)) | (
-        inverted.astype(np.uint64) << np.uint64(_SLOT_BITS)
+        _descending_bits(flat[r_idx, c_idx]).astype(np.uint64) << np.uint64(_SLOT_BITS)
     )
     keys = np.sort(keys | c_idx.astype(np.uint64))
     cols = (keys & np.uint64(BATCH_SLOTS - 1)).astype(np.int64)
