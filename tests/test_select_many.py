@@ -100,7 +100,7 @@ def test_select_many_falls_back_for_mixed_shapes_and_empty_input() -> None:
 
 
 def _items(seed: int) -> list[MatrixItem]:
-    """Equal 48 x 40 matrices (low rank plus noise, one zero), two of another shape, one with a map."""
+    """Equal 48 x 40 matrices (low rank plus noise, one zero), two of another shape, three with a map."""
     gen = torch.Generator().manual_seed(seed)
     mats = [
         torch.randn(48, 3, generator=gen) @ torch.randn(3, 40, generator=gen) + 0.3 * torch.randn(48, 40, generator=gen)
@@ -109,7 +109,9 @@ def _items(seed: int) -> list[MatrixItem]:
     mats[2] = torch.zeros(48, 40)
     mats += [torch.randn(40, 48, generator=gen) for _ in range(2)]
     items = [MatrixItem(f"m{i}", tuple(m.shape), "float32", m) for i, m in enumerate(mats)]
-    items.append(MatrixItem("z", (48, 40), "float32", mats[0].clone(), torch.rand(48, 40, generator=gen)))
+    for j in range(3):
+        z = torch.rand(48, 40, generator=gen)
+        items.append(MatrixItem(f"z{j}", (48, 40), "float32", mats[j].clone(), z))
     return items
 
 
@@ -153,6 +155,8 @@ def test_encode_matrices_gives_encode_matrix_records(options: dict[str, Any], mo
     assert [r.name for r in got] == [it.name for it in items]
     assert all(_same_record(w, g) for w, g in zip(want, got, strict=True))
     assert max(seen) == 6  # the six equal matrices without a map were selected as one batch
+    # the three with a map as another (with a second pass they are selected one by one, B after A)
+    assert (3 in seen) == (not cfg.second_pass)
 
 
 def test_batched_candidate_errors_equal_one_by_one() -> None:

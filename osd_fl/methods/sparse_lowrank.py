@@ -379,18 +379,19 @@ class SparseLowRank(Compressor):
     def encode_matrices(
         self, items: Sequence[MatrixItem], budgets: Sequence[int], state: CompressorState
     ) -> list[TensorRecord]:
-        """:meth:`encode_matrix` on each matrix, matrices of one shape and budget without ``Z`` as one batch.
+        """:meth:`encode_matrix` on each matrix, matrices of one shape, budget and kind of ``Z`` as one batch.
 
-        Each matrix has its own SVD; the selection and the comparison of
-        adaptive c's candidates are then made for the whole batch at once
-        (:func:`osd_fl.selection.select_many`, :func:`unweighted_errors`),
-        which cuts the fixed cost of many small calls per matrix on models
-        with many small matrices of one shape (docs/performance.md, section
-        1b). The records are those of :meth:`encode_matrix`.
+        Each matrix has its own SVD; the selection of the whole batch is
+        then made at once (:func:`osd_fl.selection.select_many`) and, without
+        ``Z``, so is the comparison of adaptive c's candidates
+        (:func:`unweighted_errors`; with ``Z`` it stays per matrix). This
+        cuts the fixed cost of many small calls per matrix on models with
+        many small matrices of one shape (docs/performance.md, section 1b).
+        The records are those of :meth:`encode_matrix`.
         """
         groups: dict[object, list[int]] = {}
         for i, (item, budget) in enumerate(zip(items, budgets, strict=True)):
-            key = (item.n, item.d, budget, item.mat.device, item.mat.dtype) if item.importance is None else i
+            key = (item.n, item.d, budget, item.mat.device, item.mat.dtype, item.importance is None)
             groups.setdefault(key, []).append(i)
         out: dict[int, TensorRecord] = {}
         for idx in groups.values():

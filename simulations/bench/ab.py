@@ -10,6 +10,10 @@ the same synthetic update the client section uses::
     git archive <commit> | tar -x -C /tmp/before
     python -m simulations.bench.ab /tmp/before . --model minilm --repeats 20
 
+``--weighted`` passes an importance map (``|N(0, 1)|`` per entry, seeded:
+timing does not depend on its values) and ``--value-dtype float32`` pins
+the paper's float32 values instead of the int8 default.
+
 The two copies must produce the same bytes (checked first); it prints the
 median seconds of each and the ratios ``before / TruncSVD``,
 ``after / TruncSVD`` and ``after / before``.
@@ -54,18 +58,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--weighted", action="store_true", help="OSD with an importance map (the weighted path)")
+    ap.add_argument("--value-dtype", default="auto", help="OSD's values: auto (int8), float32, float16, int8")
     args = ap.parse_args(argv)
     args.device, args.quick = "cpu", False
     before, after = _compress_from(args.before.resolve()), _compress_from(args.after.resolve())
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        header(f"OSD client time, two checkouts in one process ({args.model})", args)
+        what = f"{args.model}, values {args.value_dtype}" + (", weighted" if args.weighted else ", Z = ones")
+        header(f"OSD client time, two checkouts in one process ({what})", args)
         update = synthetic_update(model_shapes(args.model, False), seed=0)
+        gen = torch.Generator().manual_seed(1)
+        imp = {k: torch.randn(v.shape, generator=gen).abs() for k, v in update.items()} if args.weighted else None
+        osd = {"importance": imp, "value_dtype": args.value_dtype}
         runs: dict[str, Callable[[], Any]] = {
             "truncsvd": lambda: after(update, rank=1, method="truncsvd"),
-            "osd before": lambda: before(update, rank=1, method="osd"),
-            "osd after": lambda: after(update, rank=1, method="osd"),
+            "osd before": lambda: before(update, rank=1, method="osd", **osd),
+            "osd after": lambda: after(update, rank=1, method="osd", **osd),
         }
         if runs["osd before"]() != runs["osd after"]():
             raise SystemExit("the two checkouts send different bytes: this compares speed of the same output only")
