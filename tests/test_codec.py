@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osd_fl import REGISTRY, PayloadError, compress, decompress, payload_budget
+from osd_fl import REGISTRY, PayloadError, codec, compress, decompress, payload_budget
 from osd_fl.codec import decode, encode
+from osd_fl.dtypes import INT8_BLOCK
 from osd_fl.payload import Kind, Payload, Section, TensorRecord
 from osd_fl.positions import Coding, best_coding, decode_positions, encode_positions, position_bytes
 
@@ -256,3 +257,43 @@ def test_rebuild_is_finite_at_the_largest_decodable_values(dtype: str) -> None:
     else:
         with pytest.raises(PayloadError, match="NaN/Inf"):
             reconstruct(decoded)
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 700), min_size=2, max_size=12), st.integers(0, 2**32 - 1))
+def test_int8_batch_writes_what_each_array_alone_writes(sizes_: list[int], seed: int) -> None:
+    """The payload-wide int8 quantization gives each array the bytes of its own call, zeros and ties included."""
+    rng = np.random.default_rng(seed)
+    arrays = [(rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3)).astype(np.float32) for n in sizes_]
+    arrays[0][: len(arrays[0]) // 2] = 0.0  # a block of zeros: scale 0
+    if arrays[1].size:
+        arrays[1][:] = np.float32(0.5)  # every value at the block's maximum
+    assert codec._int8_many(arrays) == [codec._int8_bytes(a) for a in arrays] == [_int8_reference(a) for a in arrays]
+
+
+def _int8_reference(values: np.ndarray) -> bytes:
+    """The int8 wire form block by block: scale = max |v| / 127 (float32), v / scale rounded, in [-127, 127]."""
+    scales, ints = [], []
+    for i in range(0, values.size, INT8_BLOCK):
+        block = values[i : i + INT8_BLOCK]
+        scale = np.float32(np.abs(block).max() / np.float32(127))
+        scales.append(scale)
+        ints.append(np.clip(np.rint(block / (scale if scale > 0 else np.float32(1))), -127, 127))
+    q = np.concatenate(ints).astype(np.int8) if ints else np.zeros(0, np.int8)
+    return np.array(scales, dtype="<f4").tobytes() + q.tobytes()
+
+
+def test_int8_payload_bytes_do_not_depend_on_the_batch() -> None:
+    """A whole int8 payload encodes to the bytes of writing every record's values one by one."""
+    gen = torch.Generator().manual_seed(4)
+    update = {f"w{i}": torch.randn(40, 24 + i, generator=gen) for i in range(4)}
+    update |= {f"b{i}": torch.randn(24 + 40 * i, generator=gen) for i in range(4)}
+    blob = compress(update, method="osd", rank=1, value_dtype="int8")
+    payload = decode(blob)
+    one_by_one = codec._Values("int8", [])  # nothing batched: every array through _int8_bytes
+    batched = codec._Values("int8", payload.records)
+    assert batched._ready  # the batch did take the small arrays
+    for rec in payload.records:
+        for sec in rec.sections:
+            assert batched(sec.values) == one_by_one(sec.values)
+    assert encode(payload) == blob
