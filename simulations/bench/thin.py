@@ -15,6 +15,14 @@ a factor of ``A B``; the candidate errors' product): :func:`osd_fl.thin.times_th
 on the transposed view (what the engine called until 2026-12-07) against
 the plain NT product :func:`osd_fl.thin.times_rows_t`, LLaMA's 11008 x 4096 included.
 
+``--svd`` times the whole randomized SVD (:func:`osd_fl.svd.truncated_svd`,
+rank 1 and 4: 11 and 14 sketch columns) against the same power iteration
+with each other choice of layout for its two products: ``torch.linalg.qr``
+returns ``Q`` column-major, so the power steps multiply by transposed views,
+a layout the tables above do not time::
+
+    python -m simulations.bench.thin --svd --threads 2
+
 Use it to check the layout :mod:`osd_fl.thin` picks (last column) on a new CPU or BLAS.
 """
 
@@ -22,18 +30,35 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from osd_fl.thin import plain_is_fast, thin_first, thin_first_t, times_rows_t, times_thin
+from osd_fl.svd import truncated_svd
+from osd_fl.thin import plain_is_fast, t_times_thin, thin_first, thin_first_t, times_rows_t, times_thin
 from simulations.bench.harness import header, print_table, wait_quiet
 from simulations.devices import seeded, torch_threads
 
 SHAPES = [(384, 384), (1536, 384), (3072, 768), (4096, 4096)]
 SHAPES_QUICK = [(384, 384), (1536, 384)]
+SVD_SHAPES = [(384, 384), (1536, 384), (384, 1536), (3072, 768), (768, 3072), (4096, 4096), (11008, 4096)]
+
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: The forward step ``M @ X`` (``X`` = the sketch, then a column-major ``Q`` of ``M^T Q``).
+FORWARD: dict[str, Product] = {
+    "times_thin": times_thin,
+    "plain": torch.matmul,
+    "times_thin(row-major X)": lambda m, x: times_thin(m, x.contiguous()),
+}
+#: The backward step ``M^T @ Q`` (``Q`` column-major from the QR).
+BACKWARD: dict[str, Product] = {
+    "t_times_thin": t_times_thin,
+    "plain": lambda m, q: m.T @ q,
+    "t_times_thin(row-major Q)": lambda m, q: t_times_thin(m, q.contiguous()),
+}
 
 
 def _median_ms(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -94,6 +119,43 @@ def compare_rows(n: int, d: int, widths: list[int], repeats: int) -> list[list[s
     return rows
 
 
+def power_svd(m: torch.Tensor, k: int, fwd: Product, bwd: Product, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """:func:`osd_fl.svd.truncated_svd`'s randomized path (``niter=2``, ``oversample=10``) with these products."""
+    width = k + 10
+    transpose = m.shape[0] < m.shape[1]
+    if transpose:
+        m = m.T
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(m.shape[1], width, generator=gen)
+    q, _ = torch.linalg.qr(fwd(m, omega))
+    for _ in range(2):
+        z, _ = torch.linalg.qr(bwd(m, q))
+        q, _ = torch.linalg.qr(fwd(m, z))
+    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    u = (q @ ub)[:, :k]
+    if transpose:
+        return vh[:k].T.contiguous(), s[:k], u.T.contiguous()
+    return u, s[:k], vh[:k]
+
+
+def compare_svd(n: int, d: int, repeats: int) -> list[list[str]]:
+    """One row per rank and layout pair: median ms, and the ratio to osd_fl.svd.truncated_svd's."""
+    with seeded(0):
+        m = torch.randn(n, d)
+    rows = []
+    for k in (1, 4):
+        gen = torch.Generator().manual_seed(0)
+        fns: list[Callable[[], object]] = [functools.partial(truncated_svd, m, k, mode="randomized", generator=gen)]
+        names = [("truncated_svd (library)", "")]
+        for (fname, fwd), (bname, bwd) in itertools.product(FORWARD.items(), BACKWARD.items()):
+            fns.append(functools.partial(power_svd, m, k, fwd, bwd))
+            names.append((fname, bname))
+        times = _median_ms(fns, repeats)
+        for (fname, bname), t in zip(names, times, strict=True):
+            rows.append([f"{n}x{d}", str(k + 10), fname, bname, f"{t:.3f}", f"{times[0] / t:.2f}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the comparison for each thread count."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -102,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="the two MiniLM shapes only")
     parser.add_argument("--rows", action="store_true", help="M @ B.T for a row-major B (see above)")
+    parser.add_argument("--svd", action="store_true", help="the randomized SVD's product layouts (see above)")
     args = parser.parse_args(argv)
     args.device = "cpu"
     if "-" in args.widths:
@@ -113,9 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         with torch_threads(threads):
             shapes = SHAPES_QUICK if args.quick else SHAPES + ([(11008, 4096)] if args.rows else [])
+            if args.svd:
+                shapes = SHAPES_QUICK if args.quick else SVD_SHAPES
             for n, d in shapes:
                 quiet = wait_quiet(f"{n}x{d}, {threads} threads")
                 print(f"\n{n}x{d}, {threads} thread(s); {quiet}; median ms of {args.repeats} interleaved repeats")
+                if args.svd:
+                    heads = ["matrix", "sketch columns", "M @ X by", "M^T @ Q by", "median ms", "library / this"]
+                    print_table(heads, compare_svd(n, d, args.repeats))
+                    continue
                 if args.rows:
                     heads = ["matrix", "rows of B", "times_thin(M, B^T)", "times_rows_t(M, B)", "ratio"]
                     print_table(heads, compare_rows(n, d, widths, args.repeats))
