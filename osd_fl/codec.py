@@ -147,11 +147,9 @@ class _Values:
         self._ready: dict[int, bytes] = {}
         if value_dtype != "int8":
             return
-        kinds = (Kind.DENSE, Kind.LOWRANK, Kind.SPARSE)
-        small = [
+        small = [  # every section's values go through this writer (QUANT8 and ZERO records have none)
             s.values
             for rec in records
-            if rec.kind in kinds
             for s in rec.sections
             if isinstance(s.values, np.ndarray) and s.values.size <= INT8_BATCH_MAX
         ]

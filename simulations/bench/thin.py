@@ -16,8 +16,9 @@ on the transposed view (what the engine called until 2026-12-07) against
 the plain NT product :func:`osd_fl.thin.times_rows_t`, LLaMA's 11008 x 4096 included.
 
 ``--svd`` times the whole randomized SVD (:func:`osd_fl.svd.truncated_svd`,
-rank 1 and 4: 11 and 14 sketch columns) against the same power iteration
-with each other choice of layout for its two products: ``torch.linalg.qr``
+rank 1 and 4: 11 and 14 sketch columns) as it is against the same call
+with its two products swapped for each choice of layout (the library's own
+pair among them, as a check of the run's noise): ``torch.linalg.qr``
 returns ``Q`` column-major, so the power steps multiply by transposed views,
 a layout the tables above do not time::
 
@@ -37,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 
+import osd_fl.svd as svd_module
 from osd_fl.svd import truncated_svd
 from osd_fl.thin import plain_is_fast, t_times_thin, thin_first, thin_first_t, times_rows_t, times_thin
 from simulations.bench.harness import header, print_table, wait_quiet
@@ -119,36 +121,35 @@ def compare_rows(n: int, d: int, widths: list[int], repeats: int) -> list[list[s
     return rows
 
 
-def power_svd(m: torch.Tensor, k: int, fwd: Product, bwd: Product, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """:func:`osd_fl.svd.truncated_svd`'s randomized path (``niter=2``, ``oversample=10``) with these products."""
-    width = k + 10
-    transpose = m.shape[0] < m.shape[1]
-    if transpose:
-        m = m.T
-    gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(m.shape[1], width, generator=gen)
-    q, _ = torch.linalg.qr(fwd(m, omega))
-    for _ in range(2):
-        z, _ = torch.linalg.qr(bwd(m, q))
-        q, _ = torch.linalg.qr(fwd(m, z))
-    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
-    u = (q @ ub)[:, :k]
-    if transpose:
-        return vh[:k].T.contiguous(), s[:k], u.T.contiguous()
-    return u, s[:k], vh[:k]
+def _with_products(fwd: Product, bwd: Product, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with :mod:`osd_fl.svd`'s two products replaced by ``fwd`` and ``bwd`` (restored after)."""
+
+    def run() -> object:
+        names = ("times_thin", "t_times_thin")  # the names osd_fl.svd calls them by
+        saved = [getattr(svd_module, name) for name in names]
+        for name, product in zip(names, (fwd, bwd), strict=True):
+            setattr(svd_module, name, product)
+        try:
+            return fn()
+        finally:
+            for name, product in zip(names, saved, strict=True):
+                setattr(svd_module, name, product)
+
+    return run
 
 
 def compare_svd(n: int, d: int, repeats: int) -> list[list[str]]:
-    """One row per rank and layout pair: median ms, and the ratio to osd_fl.svd.truncated_svd's."""
+    """One row per rank and layout pair: median ms, and the ratio to osd_fl.svd.truncated_svd's own layout."""
     with seeded(0):
         m = torch.randn(n, d)
     rows = []
     for k in (1, 4):
         gen = torch.Generator().manual_seed(0)
-        fns: list[Callable[[], object]] = [functools.partial(truncated_svd, m, k, mode="randomized", generator=gen)]
+        svd = functools.partial(truncated_svd, m, k, mode="randomized", generator=gen)
+        fns: list[Callable[[], object]] = [svd]
         names = [("truncated_svd (library)", "")]
         for (fname, fwd), (bname, bwd) in itertools.product(FORWARD.items(), BACKWARD.items()):
-            fns.append(functools.partial(power_svd, m, k, fwd, bwd))
+            fns.append(_with_products(fwd, bwd, svd))
             names.append((fname, bname))
         times = _median_ms(fns, repeats)
         for (fname, bname), t in zip(names, times, strict=True):
